@@ -1,0 +1,185 @@
+"""Typed configuration: YAML file + ``key=value`` overrides -> validated pydantic models.
+
+Every model forbids unknown keys, so a typo is an error that lists the valid keys.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def alignflow_home() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_HOME", Path.home() / ".alignflow")).expanduser()
+
+
+class Paths(Strict):
+    """Where the project writes; each defaults to a folder of $ALIGNFLOW_HOME."""
+
+    home: str | None = None
+    artifact_root: str | None = Field(None, description="any fsspec URL: local dir, s3://bucket/prefix")
+    model_cache: str | None = None
+    prefect_home: str | None = None
+    logs: str | None = None
+
+    def resolved(self) -> "Paths":
+        home = Path(self.home).expanduser() if self.home else alignflow_home()
+        return Paths(
+            home=str(home),
+            artifact_root=self.artifact_root or str(home / "artifacts"),
+            model_cache=self.model_cache or str(home / "models"),
+            prefect_home=self.prefect_home or str(home / "prefect"),
+            logs=self.logs or str(home / "logs"),
+        )
+
+
+class Storage(Strict):
+    storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
+
+
+class SampleConfig(Strict):
+    n: int = Field(4, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=16)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    dtype: Dtype = "float32"
+
+
+class JudgeConfig(Strict):
+    mode: Literal["base", "refeval", "refmatch"] = "refeval"
+    model: str | None = Field(None, description="judge model; default: the policy being trained")
+    max_new_tokens: int = Field(16, ge=1)
+    top_logprobs: int = Field(5, ge=2)
+    answer_prefix: str = Field(
+        "Output (", description="written at the start of the judge's answer so its first token is the label"
+    )
+    max_prompt_tokens: int = Field(2048, ge=64)
+    batch_size: int = Field(8, ge=1)
+    dtype: Dtype = "float32"
+
+
+class PairsConfig(Strict):
+    max_response_tokens: int = Field(2048, ge=1)
+    min_margin: float = Field(0.0, ge=0.0)
+
+
+class LogprobsConfig(Strict):
+    token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DPOConfig(Strict):
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    lr: float = Field(5e-5, gt=0.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    eval_every: int = Field(5, ge=1, description="optimizer steps between validation passes")
+    checkpoint_every: int = Field(5, ge=1, description="optimizer steps between resumable checkpoints")
+    full_finetune: bool = False
+    lora: LoraConfig = LoraConfig()
+    seed: int = 0
+
+
+class SelfImproveConfig(Strict):
+    """The RefEval flow: sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
+
+    model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
+    prompts: str = Field("builtin:demo", description="builtin:demo, or a .jsonl / .parquet file")
+    limit_prompts: int | None = Field(None, ge=2)
+    rounds: int = Field(1, ge=1)
+    paths: Paths = Paths()
+    storage: Storage = Storage()
+    sample: SampleConfig = SampleConfig()
+    judge: JudgeConfig = JudgeConfig()
+    pairs: PairsConfig = PairsConfig()
+    logprobs: LogprobsConfig = LogprobsConfig()
+    dpo: DPOConfig = DPOConfig()
+
+
+FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(kind: type[Strict], path: str | Path | None, overrides: list[str] = ()) -> Strict:
+    """Read YAML, apply dotted ``key=value`` overrides (values parsed as YAML), validate."""
+    data = _read_yaml(path) if path else {}
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(kind, e, path)) from None
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value (e.g. judge.mode=base)")
+    dotted, raw = item.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _explain(kind: type[Strict], error: ValidationError, path) -> str:
+    where = f"{path}: " if path else ""
+    lines = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(_fields_at(kind, err["loc"][:-1]))
+            lines.append(f"{where}unknown key '{field}'; valid keys here: {valid}")
+        else:
+            lines.append(f"{where}{field}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _fields_at(kind: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = kind.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        kind = field.annotation
+    return sorted(kind.model_fields)

@@ -1,0 +1,32 @@
+"""Process set-up before Prefect is imported: its home, results and logs live under
+the run's paths, and offline telemetry is off. A user's own PREFECT_API_URL
+(a real server) is respected; without it Prefect runs ephemeral."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from alignflow.config import Paths
+
+
+def configure_environment(paths: Paths) -> Path:
+    """Set Prefect's environment and start a log file; returns the log file path."""
+    prefect_home = Path(paths.prefect_home)
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "results"))
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logs = Path(paths.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    log_file = logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("alignflow")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return log_file

@@ -1,0 +1,3 @@
+from flows.self_improve import self_improve
+
+FLOWS = {"self-improve": self_improve}

@@ -1,0 +1,264 @@
+"""The artifact store: content-addressed stage outputs on any fsspec root.
+
+An artifact is ``{root}/{stage}/{key}/`` holding Parquet part files and/or a
+model directory, plus ``_manifest.json``. The manifest is written last and
+lists every file with its hash, so a killed writer leaves files without a
+manifest: not committed, never read. Two writers of the same key write their
+own part files (unique names) and each commits a manifest naming only its own
+files, so whichever manifest lands last describes an intact artifact.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST = "_manifest.json"
+CHECKPOINTS = "_checkpoints"
+
+
+class ArtifactError(RuntimeError):
+    """A missing, uncommitted or corrupt artifact."""
+
+
+class ArtifactRef(BaseModel):
+    """What tasks pass to each other: where an artifact is and what it holds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    key: str
+    uri: str
+    content_hash: str
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-able object with sorted keys (configs, key material)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def artifact_key(stage: str, config: dict, parents: list[ArtifactRef], code_version: str) -> str:
+    """key = hash(stage, its config, its parents' content hashes, its code version)."""
+    material = {
+        "stage": stage,
+        "config": config,
+        "parents": [p.content_hash for p in parents],
+        "code": code_version,
+    }
+    return stable_hash(material)[:20]
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ArtifactStore:
+    """Reads and commits artifacts under one fsspec root (local dir, s3://, ...)."""
+
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+
+    # -- addressing ---------------------------------------------------------
+    def uri(self, stage: str, key: str, *parts: str) -> str:
+        return "/".join([self.root, stage, key, *parts])
+
+    def _path(self, stage: str, key: str, *parts: str) -> str:
+        return "/".join([self._root_path, stage, key, *parts])
+
+    def ref(self, stage: str, key: str) -> ArtifactRef:
+        manifest = self.manifest(stage, key)
+        return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), content_hash=manifest["content_hash"])
+
+    # -- reading ------------------------------------------------------------
+    def is_committed(self, stage: str, key: str) -> bool:
+        return self.fs.exists(self._path(stage, key, MANIFEST))
+
+    def manifest(self, stage: str, key: str) -> dict:
+        path = self._path(stage, key, MANIFEST)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            raise ArtifactError(
+                f"{self.uri(stage, key)}: no {MANIFEST}: the artifact was never committed "
+                "(its stage did not finish) or was deleted; re-run the flow to rebuild it"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{self.uri(stage, key, MANIFEST)}: corrupt manifest ({e})") from None
+
+    def read_table(self, ref: ArtifactRef, verify: bool = True) -> pa.Table:
+        manifest = self._manifest_for(ref)
+        tables = []
+        for name in manifest["parts"]:
+            data = self._read_listed_file(ref, manifest, name, verify)
+            tables.append(pq.read_table(io.BytesIO(data)))
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def read_rows(self, ref: ArtifactRef) -> list[dict]:
+        return self.read_table(ref).to_pylist()
+
+    def _manifest_for(self, ref: ArtifactRef) -> dict:
+        manifest = self.manifest(ref.stage, ref.key)
+        if manifest["content_hash"] != ref.content_hash:
+            raise ArtifactError(
+                f"{ref.uri}: manifest content hash {manifest['content_hash'][:12]} does not match "
+                f"the expected {ref.content_hash[:12]} (the artifact was rewritten by another run)"
+            )
+        return manifest
+
+    def _read_listed_file(self, ref: ArtifactRef, manifest: dict, name: str, verify: bool) -> bytes:
+        path = self._path(ref.stage, ref.key, name)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ArtifactError(f"{ref.uri}/{name}: listed in the manifest but missing") from None
+        if verify and _sha256_bytes(data) != manifest["files"][name]:
+            raise ArtifactError(
+                f"{ref.uri}/{name}: content hash does not match the manifest "
+                "(file corrupted or overwritten); delete the artifact directory and re-run"
+            )
+        return data
+
+    def local_dir(self, ref: ArtifactRef, subdir: str, cache_root: str | Path) -> Path:
+        """A local directory holding ``subdir`` of an artifact (downloaded once if remote)."""
+        manifest = self._manifest_for(ref)
+        stored = manifest["dirs"].get(subdir)
+        if stored is None:
+            raise ArtifactError(f"{ref.uri}: has no '{subdir}' directory (has: {sorted(manifest['dirs'])})")
+        if self.is_local:
+            return Path(self._path(ref.stage, ref.key, stored))
+        target = Path(cache_root) / ref.content_hash[:20] / subdir
+        if not (target / ".complete").exists():
+            for name in [n for n in manifest["files"] if n.startswith(stored + "/")]:
+                dest = target / name[len(stored) + 1 :]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(self._read_listed_file(ref, manifest, name, verify=True))
+            (target / ".complete").touch()
+        return target
+
+    # -- writing ------------------------------------------------------------
+    def commit(
+        self,
+        stage: str,
+        key: str,
+        *,
+        tables: list[pa.Table] = (),
+        local_dirs: dict[str, Path] | None = None,
+        parents: list[ArtifactRef] = (),
+        config: dict | None = None,
+        code_version: str = "",
+        metrics: dict | None = None,
+    ) -> ArtifactRef:
+        """Write parts, then the manifest. Only the manifest makes the artifact visible."""
+        writer = uuid.uuid4().hex[:10]
+        files: dict[str, str] = {}
+        parts: list[str] = []
+        rows = 0
+        schema = None
+        for i, table in enumerate(tables):
+            name = f"part-{i:05d}-{writer}.parquet"
+            files[name] = self._write_bytes(stage, key, name, _parquet_bytes(table))
+            parts.append(name)
+            rows += table.num_rows
+            schema = schema or table.schema
+        dirs = {subdir: f"{subdir}-{writer}" for subdir in (local_dirs or {})}
+        for subdir, local in (local_dirs or {}).items():
+            for path in sorted(Path(local).rglob("*")):
+                if path.is_file():
+                    name = f"{dirs[subdir]}/{path.relative_to(local).as_posix()}"
+                    files[name] = self._write_bytes(stage, key, name, path.read_bytes())
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "parts": parts,
+            "files": files,
+            "dirs": dirs,
+            "rows": rows,
+            "schema": schema.to_string() if schema is not None else None,
+            "content_hash": _content_hash(files, writer),
+            "parents": [p.model_dump() for p in parents],
+            "config": config or {},
+            "code_version": code_version,
+            "metrics": metrics or {},
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+        self._write_manifest(stage, key, manifest)
+        return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), content_hash=manifest["content_hash"])
+
+    def _write_bytes(self, stage: str, key: str, name: str, data: bytes) -> str:
+        path = self._path(stage, key, name)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+        return _sha256_bytes(data)
+
+    def _write_manifest(self, stage: str, key: str, manifest: dict) -> None:
+        self._write_atomic(self._path(stage, key, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def _write_atomic(self, final: str, data: bytes) -> None:
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if self.is_local:  # rename is atomic on a local filesystem; object PUTs are atomic anyway
+            tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        else:
+            with self.fs.open(final, "wb") as f:
+                f.write(data)
+
+    def list(self) -> list[dict]:
+        """Every committed artifact's manifest, newest first."""
+        out = []
+        for path in self.fs.glob(f"{self._root_path}/*/*/{MANIFEST}"):
+            with self.fs.open(path, "rb") as f:
+                manifest = json.loads(f.read())
+            manifest["uri"] = self.uri(manifest["stage"], manifest["key"])
+            out.append(manifest)
+        return sorted(out, key=lambda m: m["created_at"], reverse=True)
+
+    def find(self, key_prefix: str) -> ArtifactRef:
+        matches = [m for m in self.list() if m["key"].startswith(key_prefix)]
+        if len(matches) != 1:
+            found = "no artifact" if not matches else f"{len(matches)} artifacts"
+            raise ArtifactError(f"{found} with key starting '{key_prefix}' under {self.root}")
+        return self.ref(matches[0]["stage"], matches[0]["key"])
+
+    # -- checkpoints of resumable stages (never part of the committed artifact) --
+    def save_checkpoint(self, stage: str, key: str, step: int, data: bytes) -> str:
+        path = self._path(stage, key, CHECKPOINTS, f"step-{step:08d}.pt")
+        self._write_atomic(path, data)
+        return path
+
+    def checkpoints(self, stage: str, key: str) -> list[str]:
+        """Checkpoint paths of an uncommitted stage, newest first."""
+        return sorted(self.fs.glob(self._path(stage, key, CHECKPOINTS, "step-*.pt")), reverse=True)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+
+def _content_hash(files: dict[str, str], writer: str) -> str:
+    """Hash of the contents under writer-independent names, so a rebuild hashes the same."""
+    return stable_hash(sorted((name.replace(f"-{writer}", ""), digest) for name, digest in files.items()))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()

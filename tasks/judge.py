@@ -1,0 +1,179 @@
+"""judge: the policy compares every ordered pair of a prompt's candidates.
+
+The verdict is soft: at the generated position that carries the label, the
+log-probs of "a" and "b" among the top-k give p(a) = e^la / (e^la + e^lb). Only
+the judge's own generated tokens are parsed, so text inside a candidate (say
+"Output (b)") can never decide a verdict.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from alignflow.config import JudgeConfig
+from storage.artifacts import ArtifactRef
+from tasks.pairs import group_by_prompt, unique_candidates
+from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from workers.backend import GenerationParams
+from workers.chat import fit_prompt
+from workers.hf import HFBackend
+
+_RULES = (
+    "Decide which of the two outputs below better answers the instruction.\n"
+    "Criteria: it follows the instruction precisely; it is factually correct; it is concise "
+    "unless the instruction asks for detail. The order in which the outputs appear must not "
+    "influence your decision.\n"
+)
+_REFERENCE_RULES = (
+    "A correct Reference Output is given. Check the facts of each output against it, prefer "
+    "the output whose content is closer to it, and penalise content that goes beyond it.\n"
+)
+_MATCH_RULES = (
+    "Decide which of the two outputs below is closer in substance to the Reference Output. "
+    "Compare meaning, not wording: shared words or phrasing do not count, and content beyond "
+    "the reference is penalised. The order of the outputs must not influence your decision.\n"
+)
+_ANSWER = 'Answer with exactly "Output (a)" or "Output (b)" and nothing else.'
+
+TEMPLATES = {
+    "base": _RULES + "\n# Instruction:\n{instruction}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n" + _ANSWER,
+    "refeval": _RULES + _REFERENCE_RULES
+    + "\n# Instruction:\n{instruction}\n\n# Reference Output:\n{reference}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n"
+    + _ANSWER,
+    "refmatch": _MATCH_RULES
+    + "\n# Instruction:\n{instruction}\n\n# Reference Output:\n{reference}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n"
+    + _ANSWER,
+}
+_LABEL_CONTEXT = re.compile(r"output\s*\(\s*$", re.IGNORECASE)
+
+
+def judge_prompt(mode: str, instruction: str, reference: str, a: str, b: str) -> str:
+    return TEMPLATES[mode].format(instruction=instruction, reference=reference, a=a, b=b)
+
+
+def label_position(generated_ids: list[int], decode, prefix_given: bool) -> int | None:
+    """Index of the generated token that carries the label: 0 when the answer
+    prefix was written into the prompt, else the token right after "Output (" in
+    the judge's own text."""
+    if prefix_given:
+        return 0 if generated_ids else None
+    for t in range(1, len(generated_ids)):
+        if _LABEL_CONTEXT.search(decode(generated_ids[:t])):
+            return t
+    return None
+
+
+def soft_verdict(top: list[tuple[int, float]], decode) -> tuple[float, bool]:
+    """(p(a), parsed) from the top-k (token id, log-prob) at the label position."""
+    by_label: dict[str, list[float]] = {"a": [], "b": []}
+    for token_id, logprob in top:
+        label = decode([token_id]).strip().lower()
+        if label in by_label:
+            by_label[label].append(logprob)
+    la, lb = (_logsumexp(by_label[k]) for k in ("a", "b"))
+    if la is None and lb is None:
+        return 0.5, False
+    if lb is None:
+        return 1.0, True
+    if la is None:
+        return 0.0, True
+    return 1.0 / (1.0 + math.exp(lb - la)), True
+
+
+def _logsumexp(values: list[float]) -> float | None:
+    if not values:
+        return None
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def ordered_pairs(candidates: list[dict]) -> list[tuple[dict, dict]]:
+    return [(a, b) for a in candidates for b in candidates if a["candidate"] != b["candidate"]]
+
+
+def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None) -> tuple[list[dict], dict]:
+    tok = backend.tokenizer
+    comparisons = [pair for cands in _grouped_unique(rows) for pair in ordered_pairs(cands)]
+    prefix_ids = tok(config.answer_prefix, add_special_tokens=False)["input_ids"] if config.answer_prefix else []
+    prompts, truncated = [], 0
+    for a, b in comparisons:
+        text = judge_prompt(config.mode, a["prompt"], a["reference"], a["response"], b["response"])
+        _, ids, cut = fit_prompt(tok, text, config.max_prompt_tokens - len(prefix_ids))
+        prompts.append(ids + prefix_ids)
+        truncated += cut
+    params = GenerationParams(
+        temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
+    )
+    started = time.perf_counter()
+    outputs = backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)
+    seconds = time.perf_counter() - started
+    out = [_judgment(a, b, c[0], tok.decode, bool(prefix_ids), config) for (a, b), c in zip(comparisons, outputs)]
+    prompt_tokens = sum(len(p) for p in prompts)
+    metrics = {
+        "rows_out": len(out), "unparsed": sum(not r["parsed"] for r in out), "truncated_prompts": truncated,
+        "prompt_tokens": prompt_tokens, "tokens_per_s": round(prompt_tokens / max(seconds, 1e-9), 1),
+        **agreement_metrics(out),
+    }
+    return out, metrics
+
+
+def _judgment(a: dict, b: dict, completion, decode, prefix_given: bool, config: JudgeConfig) -> dict:
+    position = label_position(completion.token_ids, decode, prefix_given)
+    p_a, parsed = (0.5, False) if position is None else soft_verdict(completion.top_logprobs[position], decode)
+    return {
+        "prompt_id": a["prompt_id"], "a": a["candidate"], "b": b["candidate"], "p_a": p_a, "parsed": parsed,
+        "mode": config.mode, "judge_text": (config.answer_prefix if prefix_given else "") + completion.text,
+        "reference_f1_a": token_f1(a["response"], a["reference"]), "reference_f1_b": token_f1(b["response"], b["reference"]),
+    }
+
+
+def token_f1(text: str, reference: str) -> float:
+    """Bag-of-words F1 against the reference: a cheap, judge-independent reference verdict."""
+    got, want = Counter(text.lower().split()), Counter(reference.lower().split())
+    common = sum((got & want).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(got.values()), common / sum(want.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def agreement_metrics(judgments: list[dict]) -> dict:
+    """Position consistency (both orders pick the same winner) and agreement with
+    the reference-overlap verdict, over parsed, decisive comparisons."""
+    verdict = {(j["prompt_id"], j["a"], j["b"]): j["p_a"] for j in judgments if j["parsed"]}
+    consistent = [
+        (p_ab > 0.5) == (verdict[(pid, b, a)] < 0.5)
+        for (pid, a, b), p_ab in verdict.items()
+        if a < b and (pid, b, a) in verdict and p_ab != 0.5 and verdict[(pid, b, a)] != 0.5
+    ]
+    with_reference = [
+        (j["p_a"] > 0.5) == (j["reference_f1_a"] > j["reference_f1_b"])
+        for j in judgments
+        if j["parsed"] and j["p_a"] != 0.5 and j["reference_f1_a"] != j["reference_f1_b"]
+    ]
+    return {
+        "position_consistency": round(sum(consistent) / len(consistent), 3) if consistent else None,
+        "reference_agreement": round(sum(with_reference) / len(with_reference), 3) if with_reference else None,
+    }
+
+
+def compute_judge(ctx: RunContext, config: JudgeConfig, key: str, judge_model: ArtifactRef, candidates: ArtifactRef):
+    rows = ctx.store().read_rows(candidates)
+    backend = HFBackend(ctx.model_dir(judge_model), dtype=config.dtype, batch_size=config.batch_size)
+    n_comparisons = sum(len(ordered_pairs(c)) for c in _grouped_unique(rows))
+    progress = Progress("judge", n_comparisons, unit="comparisons")
+    out, metrics = judge_candidates(backend, rows, config, progress)
+    progress.close()
+    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+
+
+def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
+    return [unique_candidates(g) for g in group_by_prompt(rows).values()]
+
+
+JUDGE = Stage("judge", compute_judge, ("tasks.judge", "tasks.pairs", "workers.hf", "workers.chat"))
+judge_task = stage_task(JUDGE)

@@ -1,0 +1,53 @@
+"""logprobs: reference-model summed log-probs of each pair's chosen and rejected
+responses (prompt masked, end-of-turn token kept, float32, no length
+normalisation), stored with the token ids so training never re-tokenises."""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from alignflow.config import LogprobsConfig
+from storage.artifacts import ArtifactRef
+from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from workers.chat import prompt_ids, response_ids
+from workers.hf import HFBackend
+
+
+def tokenize_pairs(tokenizer, stop_ids: list[int], pairs: list[dict]) -> list[dict]:
+    out = []
+    for p in pairs:
+        out.append({
+            **p,
+            "prompt_ids": prompt_ids(tokenizer, p["prompt"]),
+            "chosen_ids": response_ids(tokenizer, p["prompt"], p["chosen"], stop_ids),
+            "rejected_ids": response_ids(tokenizer, p["prompt"], p["rejected"], stop_ids),
+        })
+    return out
+
+
+def reference_logprobs(backend, pairs: list[dict], progress=None) -> tuple[list[dict], dict]:
+    rows = tokenize_pairs(backend.tokenizer, backend.stop_ids, pairs)
+    prompts = [r["prompt_ids"] for r in rows] * 2
+    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    started = time.perf_counter()
+    sums = backend.sequence_logprobs(prompts, responses, progress=progress)
+    seconds = time.perf_counter() - started
+    for i, r in enumerate(rows):
+        r["chosen_logp"], r["rejected_logp"] = sums[i], sums[len(rows) + i]
+        r["chosen_tokens"], r["rejected_tokens"] = len(r["chosen_ids"]), len(r["rejected_ids"])
+    tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    return rows, {"rows_out": len(rows), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+
+
+def compute_logprobs(ctx: RunContext, config: LogprobsConfig, key: str, reference: ArtifactRef, pairs: ArtifactRef):
+    rows = ctx.store().read_rows(pairs)
+    backend = HFBackend(ctx.model_dir(reference), dtype="float32", token_budget=config.token_budget)
+    progress = Progress("logprobs", 2 * len(rows), unit="seqs")
+    out, metrics = reference_logprobs(backend, rows, progress)
+    progress.close()
+    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+
+
+LOGPROBS = Stage("logprobs", compute_logprobs, ("tasks.logprobs", "workers.hf", "workers.chat", "workers.scoring"))
+logprobs_task = stage_task(LOGPROBS)

@@ -1,0 +1,92 @@
+"""pairs: candidate scores from the judgments, then best vs worst per prompt.
+
+s_i = mean soft win probability of candidate i over all its comparisons, in both
+positions. Ties break by candidate index (lower wins), so pairs are deterministic.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+
+from alignflow.config import PairsConfig
+from storage.artifacts import ArtifactRef
+from tasks.stage import RunContext, Stage, StageOutput, stage_task
+
+
+def group_by_prompt(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["prompt_id"]].append(r)
+    return dict(groups)
+
+
+def unique_candidates(candidates: list[dict]) -> list[dict]:
+    """First occurrence of each exact response text, in candidate order."""
+    seen, out = set(), []
+    for c in sorted(candidates, key=lambda c: c["candidate"]):
+        if c["response"] not in seen:
+            seen.add(c["response"])
+            out.append(c)
+    return out
+
+
+def candidate_scores(judgments: list[dict]) -> dict[tuple[str, int], float]:
+    """Mean win probability per (prompt_id, candidate): p_a as (a), 1 - p_a as (b)."""
+    wins: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for j in judgments:
+        wins[(j["prompt_id"], j["a"])].append(j["p_a"])
+        wins[(j["prompt_id"], j["b"])].append(1.0 - j["p_a"])
+    return {k: sum(v) / len(v) for k, v in wins.items()}
+
+
+def choose_pair(scored: list[tuple[int, float]], min_margin: float) -> tuple[int, int] | str:
+    """(chosen, rejected) candidate indices, or the reason the prompt is skipped."""
+    if len(scored) < 2:
+        return "fewer_than_2_candidates"
+    best = min(scored, key=lambda s: (-s[1], s[0]))
+    worst = min((s for s in scored if s[0] != best[0]), key=lambda s: (s[1], s[0]))
+    if best[1] == worst[1]:
+        return "all_scores_equal"
+    if best[1] - worst[1] < min_margin:
+        return "below_min_margin"
+    return best[0], worst[0]
+
+
+def build_pairs(candidates: list[dict], judgments: list[dict], config: PairsConfig) -> tuple[list[dict], dict]:
+    scores = candidate_scores(judgments)
+    pairs, skipped = [], Counter()
+    for prompt_id, group in group_by_prompt(candidates).items():
+        kept = [
+            c for c in unique_candidates(group)
+            if len(c["token_ids"]) <= config.max_response_tokens and (prompt_id, c["candidate"]) in scores
+        ]
+        choice = choose_pair([(c["candidate"], scores[(prompt_id, c["candidate"])]) for c in kept], config.min_margin)
+        if isinstance(choice, str):
+            skipped[choice] += 1
+            continue
+        by_index = {c["candidate"]: c for c in kept}
+        chosen, rejected = by_index[choice[0]], by_index[choice[1]]
+        pairs.append({
+            "prompt_id": prompt_id, "prompt": chosen["prompt"], "reference": chosen["reference"],
+            "chosen": chosen["response"], "rejected": rejected["response"],
+            "chosen_candidate": chosen["candidate"], "rejected_candidate": rejected["candidate"],
+            "chosen_score": scores[(prompt_id, chosen["candidate"])],
+            "rejected_score": scores[(prompt_id, rejected["candidate"])],
+        })
+    metrics = {"rows_out": len(pairs), **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
+    if pairs:
+        metrics["mean_margin"] = round(sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs), 4)
+    return pairs, metrics
+
+
+def compute_pairs(ctx: RunContext, config: PairsConfig, key: str, candidates: ArtifactRef, judgments: ArtifactRef):
+    store = ctx.store()
+    pairs, metrics = build_pairs(store.read_rows(candidates), store.read_rows(judgments), config)
+    if not pairs:
+        raise ValueError(f"pairs: no prompt produced a chosen/rejected pair ({metrics}); nothing to train on")
+    return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics=metrics)
+
+
+PAIRS = Stage("pairs", compute_pairs, ("tasks.pairs",))
+pairs_task = stage_task(PAIRS)

@@ -1,0 +1,85 @@
+"""Load instructions with reference answers: JSONL or Parquet with `prompt` and
+`reference` (optional `id`), or the built-in demo set."""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from alignflow.config import Strict
+from tasks.stage import Stage, StageOutput, stage_task
+
+BUILTIN = {"builtin:demo": "demo_prompts.jsonl"}
+REQUIRED = ("prompt", "reference")
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+class PromptSource(Strict):
+    path: str
+    sha256: str
+    limit: int | None = None
+
+
+def prompt_source(spec: str, limit: int | None) -> PromptSource:
+    """Resolve a prompts spec to a file and fingerprint it, so an edited file is a new input."""
+    path = Path(str(resources.files("alignflow") / "data" / BUILTIN[spec])) if spec in BUILTIN else Path(spec)
+    if not path.is_file():
+        raise PromptFileError(f"{spec}: prompts file not found (expected .jsonl or .parquet, or one of {list(BUILTIN)})")
+    return PromptSource(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), limit=limit)
+
+
+def read_prompt_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        rows = [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        raise PromptFileError(f"{path}: unsupported prompts format '{path.suffix}' (expected .jsonl or .parquet)")
+    return [_validated(path, line, row) for line, row in rows]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}:{line_no}: bad JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}:{line_no}: expected a JSON object with {REQUIRED}, got {type(row).__name__}")
+        rows.append((line_no, row))
+    if not rows:
+        raise PromptFileError(f"{path}: no prompts")
+    return rows
+
+
+def _validated(path: Path, line: int, row: dict) -> dict:
+    for name in REQUIRED:
+        value = row.get(name)
+        if value is None:
+            raise PromptFileError(f"{path}:{line}: missing field '{name}' (each row needs {', '.join(REQUIRED)})")
+        if not isinstance(value, str) or not value.strip():
+            raise PromptFileError(f"{path}:{line}: field '{name}' must be non-empty text")
+    return {"id": str(row.get("id", f"line-{line}")), "prompt": row["prompt"], "reference": row["reference"]}
+
+
+def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
+    rows = read_prompt_rows(Path(config.path))[: config.limit]
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PromptFileError(f"{config.path}: duplicate id '{dup}'")
+    return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics={"rows_out": len(rows)})
+
+
+PROMPTS = Stage("prompts", compute_prompts, ("tasks.prompts",))
+prompts_task = stage_task(PROMPTS)

@@ -1,0 +1,60 @@
+"""sample: n candidates per prompt from the policy, with per-token log-probs."""
+from __future__ import annotations
+
+import time
+import zlib
+
+import pyarrow as pa
+
+from alignflow.config import SampleConfig
+from storage.artifacts import ArtifactRef
+from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from workers.backend import GenerationParams
+from workers.chat import fit_prompt
+from workers.hf import HFBackend
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A per-prompt seed: the same prompt samples the same candidates in any batch or shard."""
+    return zlib.crc32(f"{seed}:{prompt_id}".encode())
+
+
+def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=None) -> tuple[list[dict], dict]:
+    fitted = [fit_prompt(backend.tokenizer, r["prompt"], config.max_prompt_tokens) for r in rows]
+    params = GenerationParams(
+        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
+    )
+    started = time.perf_counter()
+    completions = backend.generate(
+        [ids for _, ids, _ in fitted], params, [prompt_seed(config.seed, r["id"]) for r in rows], progress=progress
+    )
+    seconds = time.perf_counter() - started
+    out = []
+    for row, (content, ids, truncated), samples in zip(rows, fitted, completions):
+        for index, c in enumerate(samples):
+            out.append({
+                "prompt_id": row["id"], "prompt": content, "reference": row["reference"],
+                "prompt_truncated": truncated, "prompt_tokens": len(ids), "candidate": index,
+                "response": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            })
+    tokens = sum(len(r["token_ids"]) for r in out)
+    metrics = {
+        "rows_out": len(out), "generated_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+        "truncated_prompts": sum(t for _, _, t in fitted),
+        "finished_share": round(sum(r["finish_reason"] == "stop" for r in out) / len(out), 3),
+    }
+    return out, metrics
+
+
+def compute_sample(ctx: RunContext, config: SampleConfig, key: str, policy: ArtifactRef, prompts: ArtifactRef):
+    rows = ctx.store().read_rows(prompts)
+    backend = HFBackend(ctx.model_dir(policy), dtype=config.dtype, batch_size=config.batch_size)
+    progress = Progress("sample", len(rows) * config.n, unit="samples")
+    out, metrics = sample_candidates(backend, rows, config, progress)
+    progress.close()
+    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+
+
+SAMPLE = Stage("sample", compute_sample, ("tasks.sample", "workers.hf", "workers.chat"))
+sample_task = stage_task(SAMPLE)

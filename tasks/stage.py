@@ -1,0 +1,171 @@
+"""What every stage shares: its artifact key, the skip-if-committed check, the
+commit, the Prefect task around it (cache key = artifact key, retries with
+backoff) and its report to the Prefect UI.
+
+A stage is a plain function ``compute(ctx, config, **parents) -> StageOutput``;
+``stage_task`` turns it into a cached, retryable Prefect task whose parameters
+are the run context, the stage config and parent ``ArtifactRef``s.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+from prefect import task
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict
+
+from storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
+
+log = logging.getLogger("alignflow")
+
+
+class RunContext(BaseModel):
+    """Where a run reads and writes; passed to every stage (small, hashable)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    artifact_root: str
+    model_cache: str
+    storage_options: dict = {}
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.artifact_root, self.storage_options)
+
+    def model_dir(self, ref: ArtifactRef) -> Path:
+        """Local directory of a model: a base model's own path or a trained model artifact."""
+        if ref.stage == "model":
+            return Path(ref.uri)
+        return self.store().local_dir(ref, "merged", Path(self.model_cache) / "artifacts")
+
+
+@dataclass
+class StageOutput:
+    tables: list[pa.Table] = field(default_factory=list)
+    dirs: dict[str, Path] = field(default_factory=dict)  # local directories copied into the artifact
+    metrics: dict = field(default_factory=dict)
+    scratch: Path | None = None  # a temporary directory removed once the artifact is committed
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the modules that decide a stage's numbers."""
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    compute: Callable[..., StageOutput]
+    modules: tuple[str, ...]
+
+    def key(self, config: BaseModel, parents: list[ArtifactRef]) -> str:
+        return artifact_key(self.name, config.model_dump(mode="json"), parents, code_version(*self.modules))
+
+    def run(self, ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
+        """Return the committed artifact for these inputs, computing it only if absent."""
+        store = ctx.store()
+        key = self.key(config, list(parents.values()))
+        if store.is_committed(self.name, key):
+            log.info("%s: cached %s", self.name, store.uri(self.name, key))
+            return store.ref(self.name, key)
+        started = time.perf_counter()
+        out = self.compute(ctx, config, key=key, **parents)
+        metrics = {**out.metrics, "seconds": round(time.perf_counter() - started, 3)}
+        ref = store.commit(
+            self.name, key, tables=out.tables, local_dirs=out.dirs, parents=list(parents.values()),
+            config=config.model_dump(mode="json"), code_version=code_version(*self.modules), metrics=metrics,
+        )
+        if out.scratch:
+            shutil.rmtree(out.scratch, ignore_errors=True)
+        publish_stage_report(self.name, ref, metrics, rows_in=_rows_in(store, parents))
+        log.info("%s: committed %s", self.name, ref.uri)
+        return ref
+
+
+def _rows_in(store: ArtifactStore, parents: dict[str, ArtifactRef]) -> int:
+    return sum(store.manifest(p.stage, p.key)["rows"] for p in parents.values() if p.stage != "model")
+
+
+def stage_task(stage: Stage, retries: int = 2):
+    """The Prefect task of a stage: its cache key is the artifact key (qualified by
+    the artifact root), so a re-run with the same inputs is served from cache."""
+
+    def cache_key(_ctx, params: dict) -> str:
+        parents = [v for v in params.values() if isinstance(v, ArtifactRef)]
+        key = stage.key(params["config"], parents)
+        return f"{stage.name}-{key}-{stable_hash(params['ctx'].artifact_root)[:8]}"
+
+    def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
+        return stage.run(ctx, config, **parents)
+
+    run.__name__ = stage.name
+    return task(
+        run, name=stage.name, cache_key_fn=cache_key, persist_result=True, retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+        retry_condition_fn=_transient,
+    )
+
+
+# Bad input fails the same way every time: retrying it only delays the error.
+BAD_INPUT = (ValueError, LookupError, ArtifactError, FileNotFoundError)
+
+
+def _transient(_task, _run, state) -> bool:
+    return not isinstance(state.data, BAD_INPUT)
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import TaskRunContext
+
+    return TaskRunContext.get() is not None
+
+
+def publish_stage_report(stage: str, ref: ArtifactRef, metrics: dict, rows_in: int) -> None:
+    """A table artifact in the Prefect UI: rows in/out, tokens, speed and the stage's own metrics."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    table = [{"metric": "artifact", "value": ref.uri}, {"metric": "rows_in", "value": rows_in}]
+    table += [{"metric": k, "value": v} for k, v in metrics.items()]
+    create_table_artifact(key=f"{stage.replace('_', '-')}-report", table=table, description=f"{stage}: {ref.uri}")
+
+
+class Progress:
+    """A tqdm bar on the terminal and, inside a Prefect task, a progress artifact."""
+
+    def __init__(self, stage: str, total: int, unit: str = "rows"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=stage, unit=unit, leave=False)
+        self.total = max(total, 1)
+        self.done = 0
+        self.artifact_id = None
+        self.last_push = 0.0
+        if in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(0.0, description=f"{stage} progress")
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.artifact_id and (time.monotonic() - self.last_push > 2 or self.done >= self.total):
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+            self.last_push = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()

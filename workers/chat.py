@@ -1,0 +1,45 @@
+"""Chat-template rendering shared by every stage, so sampling, judging, reference
+log-probs and training all see the same prompt tokens."""
+from __future__ import annotations
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def prompt_ids(tokenizer, content: str) -> list[int]:
+    """The user turn plus the assistant header (generation prompt)."""
+    return _ids(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+
+
+def fit_prompt(tokenizer, content: str, max_tokens: int) -> tuple[str, list[int], bool]:
+    """Render ``content``; if too long, drop tokens from the left of the content
+    (never the chat header) until it fits. Returns (content used, ids, truncated)."""
+    ids = prompt_ids(tokenizer, content)
+    if len(ids) <= max_tokens:
+        return content, ids, False
+    content_ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+    excess = len(ids) - max_tokens
+    while excess < len(content_ids):
+        kept = tokenizer.decode(content_ids[excess:])
+        ids = prompt_ids(tokenizer, kept)
+        if len(ids) <= max_tokens:
+            return kept, ids, True
+        excess += len(ids) - max_tokens
+    raise ValueError(f"the chat template alone needs more than max_prompt_tokens={max_tokens} tokens")
+
+
+def response_ids(tokenizer, content: str, response: str, end_of_turn: list[int]) -> list[int]:
+    """Tokens of ``response`` as the assistant turn after ``content``, ending with
+    the end-of-turn token (what follows it in the template is not scored)."""
+    prompt = prompt_ids(tokenizer, content)
+    full = _ids(tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
+    ))
+    if full[: len(prompt)] != prompt:
+        raise ValueError("chat template renders the prompt differently with and without a reply")
+    tail = full[len(prompt) :]
+    ends = [i for i, t in enumerate(tail) if t in end_of_turn]
+    if not ends:
+        raise ValueError("chat template did not close the assistant turn with an end-of-turn token")
+    return tail[: ends[0] + 1]

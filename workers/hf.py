@@ -1,0 +1,146 @@
+"""The transformers backend: batched, left-padded generation with a KV cache.
+
+It runs its own decode loop rather than ``model.generate`` so that every step's
+raw next-token distribution is seen exactly once: the sampled token's log-prob,
+the entropy and the top-k come from it without storing B x steps x vocab
+logits, and each row samples from its own seeded generator.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from workers.backend import Completion, GenerationParams
+from workers.models import load_causal_lm
+from workers.scoring import pack, response_logprob_sums, token_budget_batches
+
+
+class HFBackend:
+    def __init__(self, model_dir: Path, dtype: str = "float32", batch_size: int = 16, token_budget: int = 4096):
+        self.model, self.tokenizer = load_causal_lm(model_dir, dtype)
+        self.batch_size = batch_size
+        self.token_budget = token_budget
+        self.stop_ids = end_of_turn_ids(self.tokenizer, self.model)
+
+    # -- generation -----------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: GenerationParams, seeds: list[int], progress=None):
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows.sort(key=lambda r: len(prompts[r[0]]))  # similar lengths share a batch
+        results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            generators = [_row_generator(seeds[i], j) for i, j in batch]
+            completions = self._generate_batch([prompts[i] for i, _ in batch], params, generators)
+            for (i, j), completion in zip(batch, completions):
+                results[i][j] = completion
+            if progress:
+                progress(len(batch))
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts, params: GenerationParams, generators) -> list[Completion]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        steps = [_StepRecord() for _ in prompts]
+        finished = torch.zeros(len(prompts), dtype=torch.bool)
+        cache = None
+        for _ in range(params.max_new_tokens):
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            tokens = _choose_tokens(logp, params, generators)
+            for row in torch.nonzero(~finished).flatten().tolist():
+                steps[row].add(logp[row], int(tokens[row]), params)
+            finished |= torch.isin(tokens, torch.tensor(self.stop_ids))
+            if finished.all():
+                break
+            input_ids = torch.where(finished, pad, tokens).unsqueeze(1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+        return [self._completion(s, params) for s in steps]
+
+    def _completion(self, record: "_StepRecord", params: GenerationParams) -> Completion:
+        stopped = bool(record.tokens) and record.tokens[-1] in self.stop_ids
+        text_ids = record.tokens[:-1] if stopped else record.tokens
+        return Completion(
+            token_ids=record.tokens,
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+            logprobs=record.logprobs,
+            finish_reason="stop" if stopped else "length",
+            top_logprobs=record.top if params.top_logprobs else None,
+            entropies=record.entropies if params.entropies else None,
+            stop_token=record.tokens[-1] if stopped else None,
+        )
+
+    # -- scoring --------------------------------------------------------------
+    @torch.inference_mode()
+    def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]], progress=None) -> list[float]:
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        sums = [0.0] * len(prompts)
+        for rows in token_budget_batches(lengths, self.token_budget):
+            batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], self.tokenizer.pad_token_id)
+            for i, value in zip(rows, response_logprob_sums(self.model, batch).tolist()):
+                sums[i] = value
+            if progress:
+                progress(len(rows))
+        return sums
+
+
+class _StepRecord:
+    """Per-row record of what was generated and the raw distribution it came from."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.entropies: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []
+
+    def add(self, logp: torch.Tensor, token: int, params: GenerationParams) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(float(logp[token]))
+        if params.entropies:
+            self.entropies.append(float(-(logp.exp() * logp).sum()))
+        if params.top_logprobs:
+            values, ids = logp.topk(params.top_logprobs)
+            self.top.append(list(zip(ids.tolist(), values.tolist())))
+
+
+def _row_generator(seed: int, sample_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + sample_index)
+
+
+def _choose_tokens(logp: torch.Tensor, params: GenerationParams, generators) -> torch.Tensor:
+    if params.temperature == 0:
+        return logp.argmax(dim=-1)
+    probs = torch.softmax(logp / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        probs = _top_p_filter(probs, params.top_p)
+    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def end_of_turn_ids(tokenizer, model) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
