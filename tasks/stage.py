@@ -69,13 +69,14 @@ class Stage:
     compute: Callable[..., StageOutput]
     modules: tuple[str, ...]
 
-    def key(self, config: BaseModel, parents: list[ArtifactRef]) -> str:
-        return artifact_key(self.name, config.model_dump(mode="json"), parents, code_version(*self.modules))
+    def key(self, config: BaseModel, parents: dict[str, ArtifactRef]) -> str:
+        ordered = [parents[name] for name in sorted(parents)]
+        return artifact_key(self.name, config.model_dump(mode="json"), ordered, code_version(*self.modules))
 
     def run(self, ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
         """Return the committed artifact for these inputs, computing it only if absent."""
         store = ctx.store()
-        key = self.key(config, list(parents.values()))
+        key = self.key(config, parents)
         if store.is_committed(self.name, key):
             log.info("%s: cached %s", self.name, store.uri(self.name, key))
             return store.ref(self.name, key)
@@ -102,8 +103,8 @@ def stage_task(stage: Stage, retries: int = 2):
     the artifact root), so a re-run with the same inputs is served from cache."""
 
     def cache_key(_ctx, params: dict) -> str:
-        parents = [v for v in params.values() if isinstance(v, ArtifactRef)]
-        key = stage.key(params["config"], parents)
+        # Prefect hands keyword parents over as one dict named after the ** parameter.
+        key = stage.key(params["config"], params["parents"])
         return f"{stage.name}-{key}-{stable_hash(params['ctx'].artifact_root)[:8]}"
 
     def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:

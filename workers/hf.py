@@ -108,7 +108,7 @@ class _StepRecord:
         if params.entropies:
             self.entropies.append(float(-(logp.exp() * logp).sum()))
         if params.top_logprobs:
-            values, ids = logp.topk(params.top_logprobs)
+            values, ids = logp.topk(min(params.top_logprobs, logp.shape[-1]))
             self.top.append(list(zip(ids.tolist(), values.tolist())))
 
 

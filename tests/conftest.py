@@ -1,0 +1,87 @@
+"""Shared fixtures: an isolated Prefect home (set before Prefect is imported), a
+tiny random Llama with a real byte-level BPE tokenizer, and a tiny flow config."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="alignflow-tests-"))
+os.environ["ALIGNFLOW_HOME"] = str(_SESSION_HOME / "home")
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "results")
+os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _training_text() -> list[str]:
+    demo = Path(__file__).resolve().parents[1] / "alignflow" / "data" / "demo_prompts.jsonl"
+    lines = demo.read_text().splitlines()
+    lines += ["Output (a)", "Output (b)", "Reference Output", "Instruction", "Answer with exactly"] * 20
+    return lines
+
+
+def build_tiny_model(out_dir: Path) -> Path:
+    """A 2-layer, hidden-64 random Llama with a BPE tokenizer trained on the demo text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_training_text(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return build_tiny_model(_SESSION_HOME / "tiny-llama")
+
+
+def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
+    """A self-improve config sized for the tiny model: seconds, not minutes."""
+    data = {
+        "model": str(model_dir),
+        "limit_prompts": 6,
+        "paths": {"home": str(home)},
+        "sample": {"n": 3, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 8},
+        # a random model rarely puts "a"/"b" in its top 5: score them over the whole vocabulary
+        "judge": {"top_logprobs": 512, "batch_size": 8, "max_prompt_tokens": 1024},
+        "dpo": {"epochs": 3, "batch_size": 2, "lr": 1e-3, "eval_every": 1, "checkpoint_every": 1,
+                "val_fraction": 0.3, "lora": {"r": 4, "alpha": 8}},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data

@@ -1,0 +1,115 @@
+"""The self-improve flow end to end on the tiny model, under ephemeral Prefect."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config_data
+
+from alignflow.config import SelfImproveConfig
+from storage.artifacts import ArtifactStore
+
+STAGES = ["prompts", "sample", "judge", "pairs", "logprobs", "train_dpo"]
+
+
+def run_flow(config: SelfImproveConfig):
+    """Run the flow; return (summary, {task name: final state name})."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.self_improve import self_improve
+
+    state = self_improve(config=config, return_state=True)
+    summary = state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return summary, {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("flow-home")
+    config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, home))
+    summary, states = run_flow(config)
+    return config, summary, states
+
+
+def test_flow_commits_every_stage_and_a_trained_model(first_run):
+    config, summary, states = first_run
+    assert all(states[s] == "Completed" for s in STAGES if s in states), states
+    store = ArtifactStore(config.paths.resolved().artifact_root)
+    stages = {m["stage"] for m in store.list()}
+    assert set(STAGES) <= stages
+    rnd = summary["rounds"][0]
+    assert rnd["sample"]["rows_out"] == 6 * 3
+    assert rnd["pairs"]["rows_out"] >= 1
+    assert rnd["train_dpo"]["before_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+    dpo = store.find(Path(rnd["train_dpo"]["uri"]).name)
+    manifest = store.manifest(dpo.stage, dpo.key)
+    assert set(manifest["dirs"]) == {"adapter", "merged"}
+    assert any(f.endswith("merged/model.safetensors") or "model.safetensors" in f for f in manifest["files"])
+    log_rows = store.read_rows(dpo)
+    assert [r["step"] for r in log_rows if r["split"] == "train"] == list(range(1, manifest["metrics"]["steps"] + 1))
+
+
+def test_second_run_is_served_entirely_from_cache(first_run):
+    config, summary, _ = first_run
+    again, states = run_flow(config)
+    assert again == summary
+    stage_states = {name: states[name] for name in STAGES}
+    assert set(stage_states.values()) == {"Cached"}, stage_states
+
+
+def test_changing_judge_mode_reruns_judge_and_downstream_only(first_run):
+    config, summary, _ = first_run
+    changed = config.model_copy(update={"judge": config.judge.model_copy(update={"mode": "base"})})
+    new_summary, states = run_flow(changed)
+    assert {s: states[s] for s in ("prompts", "sample")} == {"prompts": "Cached", "sample": "Cached"}
+    assert {states[s] for s in ("judge", "pairs", "logprobs", "train_dpo")} == {"Completed"}, states
+    old, new = summary["rounds"][0], new_summary["rounds"][0]
+    assert new["sample"]["uri"] == old["sample"]["uri"]
+    assert new["judge"]["uri"] != old["judge"]["uri"]
+
+
+def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path, capsys):
+    from alignflow.cli import main
+
+    config, _, _ = first_run
+    store = ArtifactStore(config.paths.resolved().artifact_root)
+    before = {m["uri"]: m["created_at"] for m in store.list()}
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": "d"}\n{"prompt": oops}\n')
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(tiny_config_data(Path(config.model), Path(config.paths.home), prompts=str(bad))))
+    assert main(["run", "self-improve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:3: bad JSON" in err[0]
+    assert {m["uri"]: m["created_at"] for m in store.list()} == before
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"prompt": "a"}\n', ":1: missing field 'reference'"),
+    ('{"prompt": "a", "reference": "b"}\n{"prompt": "  ", "reference": "b"}\n', ":2: field 'prompt' must be non-empty"),
+])
+def test_prompt_rows_are_validated(tmp_path, content, expected):
+    from tasks.prompts import PromptFileError, read_prompt_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(PromptFileError, match=expected):
+        read_prompt_rows(path)
+
+
+def test_missing_model_and_unknown_key_are_one_line_errors(tmp_path, capsys):
+    from alignflow.cli import main
+
+    assert main(["run", "self-improve", "model=/no/such/model", f"paths.home={tmp_path}"]) == 2
+    assert "model '/no/such/model': no such directory" in capsys.readouterr().err
+    assert main(["run", "self-improve", "judge.moed=base"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'judge.moed'" in err and "mode" in err
+    assert main(["run", "self-improve", "sample.n=many"]) == 2
+    assert "sample.n" in capsys.readouterr().err
