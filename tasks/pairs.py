@@ -1,7 +1,8 @@
 """pairs: candidate scores from the judgments, then best vs worst per prompt.
 
 s_i = mean soft win probability of candidate i over all its comparisons, in both
-positions. Ties break by candidate index (lower wins), so pairs are deterministic.
+positions. Ties break by candidate index: among equal scores the lower index is
+picked, as best and as worst alike, so pairs are deterministic.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def choose_pair(scored: list[tuple[int, float]], min_margin: float) -> tuple[int
     worst = min((s for s in scored if s[0] != best[0]), key=lambda s: (s[1], s[0]))
     if best[1] == worst[1]:
         return "all_scores_equal"
-    if best[1] - worst[1] < min_margin:
+    if best[1] - worst[1] < min_margin - 1e-12:  # a margin equal to min_margin passes
         return "below_min_margin"
     return best[0], worst[0]
 

@@ -7,6 +7,7 @@ so far) and the best-by-validation model saved as adapter + merged HF directory.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import tempfile
 import zlib
@@ -22,6 +23,8 @@ from storage.artifacts import ArtifactRef, ArtifactStore
 from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
 from workers.models import load_causal_lm
 from workers.scoring import pack, response_logprob_sums
+
+log = logging.getLogger("alignflow")
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, kind: str = "sigmoid"):
@@ -158,6 +161,8 @@ def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, store: Arti
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = lambda step: lr_factor(step, total, max(1, round(config.warmup_ratio * total)))  # noqa: E731
     state = restore_checkpoint(store, key, model, optimizer) or TrainState()
+    if state.step:
+        log.info("train_dpo: resumed from the checkpoint at step %d of %d", state.step, total)
     if progress:
         progress(state.step)
     for step in range(state.step, total):

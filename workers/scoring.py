@@ -11,6 +11,8 @@ import torch
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / attention_mask, and a mask of the response tokens."""
+    if any(not p for p in prompts) or any(not r for r in responses):
+        raise ValueError("every sequence needs a non-empty prompt and response (the response ends with end-of-turn)")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
