@@ -41,7 +41,9 @@ import datetime as dt
 import json
 import os
 import platform
+import hashlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from alignflow.config import SelfImproveConfig, load_config  # noqa: E402  (no Prefect import)
 
 TOKEN_METRICS = ("generated_tokens", "prompt_tokens", "tokens")
+SOURCE_DIRS = ("alignflow", "flows", "tasks", "storage", "workers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     from tasks.base_model import base_model_ref
     from workers.models import BUILTIN_MODELS, FINGERPRINT
     import_s = time.perf_counter() - t0
+    source_before = source_fingerprint()
+    load_before = load_average()
 
     print(f"home:        {home}{'  (temporary)' if temp_home else ''}")
     print(f"model cache: {paths.model_cache}")
@@ -134,12 +139,20 @@ def main(argv=None) -> int:
     cached_wall = time.perf_counter() - t
     summary2 = state2.result()
     cached_prefect = prefect_times(state2)
-    if uris(summary2) != uris(summary):
-        print("warning: the re-run returned different artifacts than the cold run", file=sys.stderr)
+    recomputed = [a for a, b in zip(uris(summary), uris(summary2)) if a != b]
+    if recomputed:
+        print(f"warning: the re-run recomputed {len(recomputed)} artifact(s) (different keys): "
+              f"{', '.join(u.rsplit('/', 2)[-2] for u in recomputed)}", file=sys.stderr)
+    source_changed = source_fingerprint() != source_before
+    if source_changed:
+        print("warning: the project's source changed on disk during the benchmark; stage keys hash the "
+              "source, so a changed file makes the re-run recompute", file=sys.stderr)
 
     stages = stage_rows(store, summary, started_at)
     computed = [s for s in stages if s["computed_in_cold_run"]]
     stage_sum = sum(s["seconds"] or 0.0 for s in computed)
+    flow_run_s = cold_prefect.get("flow_run_seconds")
+    task_sum = sum(t["seconds"] or 0.0 for t in cold_prefect.get("task_runs", []))
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
@@ -154,13 +167,24 @@ def main(argv=None) -> int:
         "overhead_ratio": round(cold_wall / stage_sum, 3) if stage_sum else None,
         "cached_rerun_wall_seconds": round(cached_wall, 3),
         "cached_over_cold": round(cached_wall / cold_wall, 4),
+        "overhead_breakdown": {
+            "before_flow_run_seconds": round(cold_wall - flow_run_s, 3) if flow_run_s else None,
+            "flow_run_minus_task_runs_seconds": round(flow_run_s - task_sum, 3) if flow_run_s else None,
+            "task_runs_minus_stage_seconds": round(task_sum - stage_sum, 3) if flow_run_s else None,
+        },
+        "rerun_recomputed": [u.rsplit("/", 2)[-2] for u in recomputed],
         "prefect": {"cold": cold_prefect, "cached": cached_prefect},
+        "source": {**git_state(), "fingerprint_start": source_before, "changed_during_run": source_changed},
+        "load_average": {"start": load_before, "end": load_average()},
         "notes": [
             "stage seconds = Stage.run's perf_counter around the stage's compute (manifest metrics.seconds); "
             "it excludes the artifact commit, Prefect task/result handling and cache-key hashing",
             "overhead_ratio = cold flow wall time / sum of stage seconds of stages computed in the cold run",
             "setup (model conversion + content hash) runs before the timed flow call and is excluded",
             "the cold flow wall time includes Prefect's ephemeral API server start (first flow call in the process)",
+            "overhead_breakdown: wall - Prefect flow-run duration (engine/server start before the run), "
+            "flow run - sum of task runs (flow body, summary, gaps), task runs - stage seconds "
+            "(commit, result persistence, cache keys, report artifacts)",
         ],
     }
     print_report(result)
@@ -203,6 +227,35 @@ def stage_rows(store, summary: dict, started_at: dt.datetime) -> list[dict]:
             "metrics": m,
         })
     return rows
+
+
+def source_fingerprint() -> str:
+    """Hash of the project's Python source: stage keys include it, so edits during a run change keys."""
+    digest = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for path in sorted((ROOT / d).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_state() -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in git("status", "--porcelain").splitlines() if line],
+            "fingerprint": source_fingerprint()}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def prefect_times(state) -> dict:
@@ -267,6 +320,11 @@ def print_report(r: dict) -> None:
           f"ratio wall / sum(stages) = {_fmt(r['overhead_ratio'], '.3f')}")
     print(f"cached re-run wall time:   {r['cached_rerun_wall_seconds']:.2f}s "
           f"({100 * r['cached_over_cold']:.2f}% of the cold run)")
+    b = r["overhead_breakdown"]
+    if b["before_flow_run_seconds"] is not None:
+        print(f"  of which: before the Prefect flow run starts {b['before_flow_run_seconds']:.2f}s, "
+              f"flow body outside tasks {b['flow_run_minus_task_runs_seconds']:.2f}s, "
+              f"task runs beyond stage compute {b['task_runs_minus_stage_seconds']:.2f}s")
     for s in r["setup"]:
         print(f"setup (excluded):          {s['model']}: {s['seconds']:.2f}s "
               f"({'converted' if s['converted'] else 'cached, no conversion'})")
@@ -275,6 +333,10 @@ def print_report(r: dict) -> None:
         if "flow_run_seconds" in p:
             tasks = ", ".join(f"{t['name']}={_fmt(t['seconds'], '.2f')}s/{t['state']}" for t in p["task_runs"])
             print(f"prefect {label}: flow run {_fmt(p['flow_run_seconds'], '.2f')}s; tasks: {tasks}")
+    print(f"load average start/end: {r['load_average']['start']} / {r['load_average']['end']}")
+    if r["rerun_recomputed"]:
+        print(f"warning: the re-run was not all-cached; recomputed: {', '.join(r['rerun_recomputed'])}"
+              + (" (the source changed during the run)" if r["source"]["changed_during_run"] else ""))
     if any(not s["computed_in_cold_run"] for s in r["stages"]):
         print("note: some artifacts pre-existed in --home; they are excluded from the stage sum, "
               "so the overhead ratio is not a clean cold measurement")
