@@ -113,3 +113,28 @@ def test_missing_model_and_unknown_key_are_one_line_errors(tmp_path, capsys):
     assert "unknown key 'judge.moed'" in err and "mode" in err
     assert main(["run", "self-improve", "sample.n=many"]) == 2
     assert "sample.n" in capsys.readouterr().err
+
+
+def test_artifacts_cli_lists_and_shows_committed_artifacts(first_run, capsys):
+    from alignflow.cli import main
+
+    config, summary, _ = first_run
+    root = config.paths.resolved().artifact_root
+    assert main(["artifacts", "ls", "--root", root]) == 0
+    listing = capsys.readouterr().out
+    pairs_key = Path(summary["rounds"][0]["pairs"]["uri"]).name
+    assert pairs_key in listing
+    assert main(["artifacts", "show", pairs_key[:8], "--root", root, "--rows", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert '"stage": "pairs"' in shown and '"chosen":' in shown
+
+
+def test_second_round_samples_from_the_first_rounds_model(tiny_model_dir, tmp_path):
+    config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, tmp_path, rounds=2, dpo__epochs=1))
+    summary, _ = run_flow(config)
+    store = ArtifactStore(config.paths.resolved().artifact_root)
+    first_model = Path(summary["rounds"][0]["train_dpo"]["uri"]).name
+    second_sample = store.manifest("sample", Path(summary["rounds"][1]["sample"]["uri"]).name)
+    second_reference = store.manifest("logprobs", Path(summary["rounds"][1]["logprobs"]["uri"]).name)
+    assert first_model in [p["key"] for p in second_sample["parents"]]
+    assert first_model in [p["key"] for p in second_reference["parents"]]
