@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     import_s = time.perf_counter() - t0
     source_before = source_fingerprint()
     load_before = load_average()
+    cpu_before = cpu_counters()
 
     print(f"home:        {home}{'  (temporary)' if temp_home else ''}")
     print(f"model cache: {paths.model_cache}")
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
         "prefect": {"cold": cold_prefect, "cached": cached_prefect},
         "source": {**git_state(), "fingerprint_start": source_before, "changed_during_run": source_changed},
         "load_average": {"start": load_before, "end": load_average()},
+        "cpu_contention": cpu_contention(cpu_before, cpu_counters(), cold_wall + cached_wall),
         "notes": [
             "stage seconds = Stage.run's perf_counter around the stage's compute (manifest metrics.seconds); "
             "it excludes the artifact commit, Prefect task/result handling and cache-key hashing",
@@ -242,11 +244,11 @@ def source_fingerprint() -> str:
 def git_state() -> dict:
     def git(*a):
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD"),
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
             "modified": [line[3:] for line in git("status", "--porcelain").splitlines() if line],
             "fingerprint": source_fingerprint()}
 
@@ -256,6 +258,33 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def cpu_counters() -> dict:
+    """Machine-wide busy CPU seconds (/proc/stat) and this process's own CPU seconds."""
+    import resource
+
+    own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = None
+    return {"machine_busy_s": busy, "own_cpu_s": own, "t": time.perf_counter()}
+
+
+def cpu_contention(before: dict, after: dict, _timed_s: float) -> dict | None:
+    """CPU seconds other processes used while the benchmark ran (a contention check, approximate:
+    Prefect's server subprocess counts as 'other')."""
+    if before["machine_busy_s"] is None or after["machine_busy_s"] is None:
+        return None
+    elapsed = after["t"] - before["t"]
+    busy = after["machine_busy_s"] - before["machine_busy_s"]
+    own = after["own_cpu_s"] - before["own_cpu_s"]
+    return {"elapsed_s": round(elapsed, 1), "machine_busy_cpu_s": round(busy, 1), "own_cpu_s": round(own, 1),
+            "other_cpu_s": round(busy - own, 1), "other_cpu_share_of_capacity":
+            round((busy - own) / (elapsed * (os.cpu_count() or 1)), 3)}
 
 
 def prefect_times(state) -> dict:
@@ -334,6 +363,10 @@ def print_report(r: dict) -> None:
             tasks = ", ".join(f"{t['name']}={_fmt(t['seconds'], '.2f')}s/{t['state']}" for t in p["task_runs"])
             print(f"prefect {label}: flow run {_fmt(p['flow_run_seconds'], '.2f')}s; tasks: {tasks}")
     print(f"load average start/end: {r['load_average']['start']} / {r['load_average']['end']}")
+    c = r["cpu_contention"]
+    if c:
+        print(f"cpu: this process {c['own_cpu_s']:.0f} cpu-s, other processes {c['other_cpu_s']:.0f} cpu-s "
+              f"({100 * c['other_cpu_share_of_capacity']:.1f}% of the machine's capacity over {c['elapsed_s']:.0f}s)")
     if r["rerun_recomputed"]:
         print(f"warning: the re-run was not all-cached; recomputed: {', '.join(r['rerun_recomputed'])}"
               + (" (the source changed during the run)" if r["source"]["changed_during_run"] else ""))
