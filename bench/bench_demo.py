@@ -30,6 +30,13 @@ The model cache
   ALIGNFLOW_HOME is set, otherwise the temporary home's own ``models`` folder, i.e. a
   conversion). The model cache is only read from when the model is already there.
 
+Caveats (both are checked and reported in the output and the JSON)
+  * Stage keys hash the project's source files as they are on disk, so editing the
+    source while the benchmark runs makes the "cached" re-run recompute stages.
+    Benchmark a tree nobody is editing (or a copy of it).
+  * Timings on a shared machine include other processes' load; the script records the
+    CPU seconds other processes used during the run.
+
 Examples
   python bench/bench_demo.py --model-cache /tmp/afhome/models
   python bench/bench_demo.py --model-cache /tmp/afhome/models limit_prompts=8   # quick check
@@ -52,7 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alignflow.config import SelfImproveConfig, load_config  # noqa: E402  (no Prefect import)
+from alignflow.config import ConfigError, SelfImproveConfig, load_config  # noqa: E402  (no Prefect import)
 
 TOKEN_METRICS = ("generated_tokens", "prompt_tokens", "tokens")
 SOURCE_DIRS = ("alignflow", "flows", "tasks", "storage", "workers")
@@ -75,7 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config: SelfImproveConfig = load_config(SelfImproveConfig, args.config, args.overrides)
+    try:
+        config: SelfImproveConfig = load_config(SelfImproveConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     model_cache = args.model_cache
     if model_cache is None and os.environ.get("ALIGNFLOW_HOME"):
