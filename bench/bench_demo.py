@@ -138,19 +138,11 @@ def main(argv=None) -> int:
     store = ArtifactStore(paths.artifact_root, config.storage.storage_options)
     started_at = dt.datetime.now(dt.timezone.utc)
     print("\ncold run ...", flush=True)
-    t = time.perf_counter()
-    state = self_improve(config=config, return_state=True)
-    cold_wall = time.perf_counter() - t
-    summary = state.result()
-    cold_prefect = prefect_times(state)
+    cold_wall, summary, cold_prefect = timed_flow_run(self_improve, config)
 
     # -- cached re-run ------------------------------------------------------------------
     print("cached re-run ...", flush=True)
-    t = time.perf_counter()
-    state2 = self_improve(config=config, return_state=True)
-    cached_wall = time.perf_counter() - t
-    summary2 = state2.result()
-    cached_prefect = prefect_times(state2)
+    cached_wall, summary2, cached_prefect = timed_flow_run(self_improve, config)
     recomputed = [a for a, b in zip(uris(summary), uris(summary2)) if a != b]
     if recomputed:
         print(f"warning: the re-run recomputed {len(recomputed)} artifact(s) (different keys): "
@@ -210,6 +202,14 @@ def main(argv=None) -> int:
     elif temp_home:
         print(f"kept: {temp_home}")
     return 0
+
+
+def timed_flow_run(flow_fn, config) -> tuple[float, dict, dict]:
+    """(wall seconds, flow summary, Prefect's own flow/task timings) of one flow call."""
+    t = time.perf_counter()
+    state = flow_fn(config=config, return_state=True)
+    wall = time.perf_counter() - t
+    return wall, state.result(), prefect_times(state)
 
 
 def uris(summary: dict) -> list[str]:

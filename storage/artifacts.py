@@ -70,7 +70,8 @@ class ArtifactStore:
         self.root = root.rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in protocols
 
     # -- addressing ---------------------------------------------------------
     def uri(self, stage: str, key: str, *parts: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from storage.artifacts import ArtifactRef
+from tasks.stage import is_transient
 from workers.models import content_hash, resolve_model_dir
 
 
@@ -15,4 +16,4 @@ def base_model_ref(name_or_path: str, model_cache: str) -> ArtifactRef:
     return ArtifactRef(stage="model", key=digest[:20], uri=str(model_dir), content_hash=digest)
 
 
-base_model_task = task(base_model_ref, name="base_model", retries=1, retry_condition_fn=lambda t, r, s: not isinstance(s.data, FileNotFoundError))
+base_model_task = task(base_model_ref, name="base_model", retries=1, retry_condition_fn=is_transient)

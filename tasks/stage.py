@@ -114,7 +114,7 @@ def stage_task(stage: Stage, retries: int = 2):
     return task(
         run, name=stage.name, cache_key_fn=cache_key, persist_result=True, retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
-        retry_condition_fn=_transient,
+        retry_condition_fn=is_transient,
     )
 
 
@@ -122,7 +122,7 @@ def stage_task(stage: Stage, retries: int = 2):
 BAD_INPUT = (ValueError, LookupError, ArtifactError, FileNotFoundError)
 
 
-def _transient(_task, _run, state) -> bool:
+def is_transient(_task, _run, state) -> bool:
     return not isinstance(state.data, BAD_INPUT)
 
 

@@ -61,6 +61,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def optimizer_steps_per_epoch(n_rows: int, config: DPOConfig) -> int:
+    return math.ceil(math.ceil(n_rows / config.batch_size) / config.grad_accum)
+
+
 def batch_losses(model, rows: list[dict], config: DPOConfig, pad_id: int):
     prompts = [r["prompt_ids"] for r in rows] * 2
     responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
@@ -155,7 +159,7 @@ def micro_batches(rows: list[dict], config: DPOConfig, epoch: int) -> list[list[
 def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, store: ArtifactStore, key: str, progress=None):
     """The training loop; returns the final TrainState with the best weights loaded."""
     pad_id = tokenizer.pad_token_id
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / config.batch_size) / config.grad_accum)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_rows), config)
     total = steps_per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -225,7 +229,7 @@ def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: Arti
     model.eval()
     before = evaluate(model, eval_rows, config, tokenizer.pad_token_id)
     model.train()
-    total = math.ceil(math.ceil(len(train_rows) / config.batch_size) / config.grad_accum) * config.epochs
+    total = optimizer_steps_per_epoch(len(train_rows), config) * config.epochs
     progress = Progress("train_dpo", total, unit="steps")
     state = train(model, tokenizer, train_rows, val_rows, config, store, key, progress)
     progress.close()

@@ -93,10 +93,16 @@ def test_uncommitted_artifact(tmp_path):
         store.read_table(ghost)
 
 
-def test_tampered_part_file_is_rejected(tmp_path):
+@pytest.fixture
+def committed_part(tmp_path):
+    """(store, ref, path of its one Parquet part) for a freshly committed artifact."""
     store = ArtifactStore(str(tmp_path))
     ref = store.commit("judge", "k", tables=[_table()])
-    part = tmp_path / "judge" / "k" / store.manifest("judge", "k")["parts"][0]
+    return store, ref, tmp_path / "judge" / "k" / store.manifest("judge", "k")["parts"][0]
+
+
+def test_tampered_part_file_is_rejected(committed_part):
+    store, ref, part = committed_part
     pq.write_table(_table([7, 8, 9]), part)  # still valid Parquet, different content
     with pytest.raises(ArtifactError, match="content hash") as err:
         store.read_table(ref)
@@ -105,19 +111,15 @@ def test_tampered_part_file_is_rejected(tmp_path):
     assert store.read_table(ref, verify=False).column("id").to_pylist() == [7, 8, 9]
 
 
-def test_truncated_part_file_is_rejected(tmp_path):
-    store = ArtifactStore(str(tmp_path))
-    ref = store.commit("judge", "k", tables=[_table()])
-    part = tmp_path / "judge" / "k" / store.manifest("judge", "k")["parts"][0]
+def test_truncated_part_file_is_rejected(committed_part):
+    store, ref, part = committed_part
     part.write_bytes(part.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match="content hash"):
         store.read_table(ref)
 
 
-def test_missing_part_file_is_reported(tmp_path):
-    store = ArtifactStore(str(tmp_path))
-    ref = store.commit("judge", "k", tables=[_table()])
-    part = tmp_path / "judge" / "k" / store.manifest("judge", "k")["parts"][0]
+def test_missing_part_file_is_reported(committed_part):
+    store, ref, part = committed_part
     part.unlink()
     with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
         store.read_table(ref)
