@@ -18,6 +18,9 @@ def configure_environment(paths: Paths) -> Path:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(prefect_home / "results"))
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run creates and migrates Prefect's database: on 2 busy cores that
+    # took 35-40 s, past Prefect's 20 s default, and the run failed to start.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,6 +12,7 @@ os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "prefect" / "results")
 os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # a fresh database on 2 cores
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
