@@ -43,7 +43,8 @@ def _run(model_dir: Path, home: Path) -> dict:
 
 
 def _kill_after_checkpoint(model_dir: Path, home: Path, min_checkpoints: int = 2) -> None:
-    proc = subprocess.Popen(_command(_write_config(model_dir, home)), env=_env(home),
+    # Its own process group, so the kill takes the whole job down, ephemeral Prefect server included.
+    proc = subprocess.Popen(_command(_write_config(model_dir, home)), env=_env(home), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = "artifacts/train_dpo/*/_checkpoints/step-*.pt"
     deadline = time.monotonic() + 300
@@ -51,7 +52,7 @@ def _kill_after_checkpoint(model_dir: Path, home: Path, min_checkpoints: int = 2
         assert proc.poll() is None, "the run finished before a checkpoint could be interrupted"
         assert time.monotonic() < deadline, "no train_dpo checkpoint appeared"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
