@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--root")
     show.add_argument("--rows", type=int, default=5)
     show.set_defaults(handler=_artifacts_show)
+
+    from genies.cli import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -54,15 +58,13 @@ def _run(args) -> int:
     from alignflow.runtime import configure_environment
 
     log_file = configure_environment(paths)
-    from flows import FLOWS
+    from flows import FLOWS, SUMMARIES
 
     summary = FLOWS[args.flow](config=config)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        from flows.report import summary_markdown
-
-        print(summary_markdown(args.flow, summary))
+        print(SUMMARIES[args.flow](summary))
         print(f"log: {log_file}")
     return 0
 

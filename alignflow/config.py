@@ -120,7 +120,68 @@ class SelfImproveConfig(Strict):
     dpo: DPOConfig = DPOConfig()
 
 
-FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig}
+class GeniesScoringConfig(Strict):
+    max_tokens: int = Field(512, ge=16, description="tokens per prompt+response; responses keep their first half")
+    token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
+    dtype: Dtype = "float32"
+
+
+class FewShotConfig(Strict):
+    k: int = Field(4, ge=1, description="source examples (prompt + preferred response) prepended")
+    max_prefix_tokens: int = Field(1024, ge=16, description="the examples keep their last this many tokens")
+    seed: int = 0
+
+
+class LoraRewardConfig(Strict):
+    lora: LoraConfig = LoraConfig(r=64, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = Field(2e-4, gt=0.0)
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1, description="pairs per step")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class MassMeanShiftConfig(Strict):
+    top_layers: int = Field(16, ge=1, description="layers kept, ranked by held-out probe accuracy")
+    held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="training pairs that rank layers and calibrate")
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="join this cluster; default: start a local one")
+    actors: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per actor (fractions let actors share cores)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor")
+
+
+class GeniesConfig(Strict):
+    """The genies-eval flow: interventions x shifts -> accuracies, metrics, leaderboard, report."""
+
+    model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
+    data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
+    shifts: str = Field("builtin:genies", description="builtin:genies or a shift spec JSON file")
+    limit_shifts: int | None = Field(None, ge=1)
+    interventions: list[str] = ["zero_shot", "few_shot", "mass_mean_shift", "dpo"]
+    external: dict[str, str] = Field(
+        default_factory=dict, description="name -> folder with train.py/eval.py (the public script contract)"
+    )
+    ceiling: str = Field("best", description="'best' over the interventions run on the reference, or one's name")
+    max_train_pairs: int | None = Field(64, ge=2, description="cap per distribution (seeded subset)")
+    max_eval_pairs: int | None = Field(64, ge=1, description="cap per distribution (seeded subset)")
+    seed: int = 0
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
+    paths: Paths = Paths()
+    storage: Storage = Storage()
+    scoring: GeniesScoringConfig = GeniesScoringConfig()
+    few_shot: FewShotConfig = FewShotConfig()
+    lora_reward_model: LoraRewardConfig = LoraRewardConfig()
+    mass_mean_shift: MassMeanShiftConfig = MassMeanShiftConfig()
+    dpo: DPOConfig = DPOConfig(lr=1e-4, epochs=2, val_fraction=0.0)
+
+
+FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig}
 
 
 class ConfigError(ValueError):

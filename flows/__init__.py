@@ -1,3 +1,7 @@
+from flows.genies_eval import genies_eval, genies_summary_markdown
+from flows.report import summary_markdown
 from flows.self_improve import self_improve
 
-FLOWS = {"self-improve": self_improve}
+FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval}
+# how the CLI prints each flow's returned summary
+SUMMARIES = {"self-improve": lambda s: summary_markdown("self-improve", s), "genies-eval": genies_summary_markdown}

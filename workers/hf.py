@@ -13,7 +13,7 @@ import torch
 
 from workers.backend import Completion, GenerationParams
 from workers.models import load_causal_lm
-from workers.scoring import pack, response_logprob_sums, token_budget_batches
+from workers.scoring import sequence_logprob_sums
 
 
 class HFBackend:
@@ -80,17 +80,9 @@ class HFBackend:
         )
 
     # -- scoring --------------------------------------------------------------
-    @torch.inference_mode()
     def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]], progress=None) -> list[float]:
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        sums = [0.0] * len(prompts)
-        for rows in token_budget_batches(lengths, self.token_budget):
-            batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], self.tokenizer.pad_token_id)
-            for i, value in zip(rows, response_logprob_sums(self.model, batch).tolist()):
-                sums[i] = value
-            if progress:
-                progress(len(rows))
-        return sums
+        return sequence_logprob_sums(self.model, self.tokenizer.pad_token_id, prompts, responses,
+                                     self.token_budget, progress)
 
 
 class _StepRecord:

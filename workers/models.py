@@ -119,3 +119,16 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()
     return model, tokenizer
+
+
+def load_backbone(model_dir: Path, dtype: str = "float32"):
+    """(decoder without its LM head, tokenizer): for probes and reward heads, which
+    need hidden states, not vocabulary logits."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.eval()
+    return model, tokenizer

@@ -6,6 +6,8 @@ float32 log_softmax, summed over response tokens.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -25,17 +27,54 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
 
 
-def response_logprob_sums(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over response tokens of log pi(token | prefix), one float32 value per row."""
+def response_logprob_sums(model, batch: dict[str, torch.Tensor], past=None) -> torch.Tensor:
+    """Sum over response tokens of log pi(token | prefix), one float32 value per row.
+    ``past``: a KV cache of a prefix shared by every row (already batch-sized)."""
     response_mask = batch["response_mask"]
     first = int(response_mask.float().argmax(dim=1).min())  # earliest response token in the batch
     keep = batch["input_ids"].shape[1] - first + 1  # logits only from the position before it
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
-    ).logits[:, :-1].float()
+    kwargs = {"attention_mask": batch["attention_mask"]}
+    if past is not None:
+        shared = past.get_seq_length()
+        rows, width = batch["input_ids"].shape
+        kwargs = {"attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), batch["attention_mask"]], 1),
+                  "position_ids": torch.arange(shared, shared + width).expand(rows, -1), "past_key_values": past}
+    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, **kwargs).logits[:, :-1].float()
     labels = batch["input_ids"][:, first:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (logp * response_mask[:, first:]).sum(dim=1)
+
+
+def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_budget: int,
+                progress=None) -> list:
+    """``fn(packed batch)`` -> one value per row, over many sequences in
+    length-bucketed batches; values come back in input order."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    values = [None] * len(prompts)
+    for rows in token_budget_batches(lengths, token_budget):
+        batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
+        for i, value in zip(rows, fn(batch)):
+            values[i] = value
+        if progress:
+            progress(len(rows))
+    return values
+
+
+@torch.inference_mode()
+def sequence_logprob_sums(model, pad_id: int, prompts: list[list[int]], responses: list[list[int]],
+                          token_budget: int, progress=None, prefix: list[int] = ()) -> list[float]:
+    """Summed response log-probs of many sequences. A ``prefix`` shared by all of
+    them (few-shot examples) is run once; every batch attends to a copy of its KV cache."""
+    if not prefix:
+        return map_batches(lambda batch: response_logprob_sums(model, batch).tolist(),
+                           prompts, responses, pad_id, token_budget, progress)
+    cache = model(input_ids=torch.tensor([list(prefix)]), use_cache=True).past_key_values
+
+    def with_prefix(batch):
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(batch["input_ids"].shape[0])
+        return response_logprob_sums(model, batch, past).tolist()
+    return map_batches(with_prefix, prompts, responses, pad_id, token_budget, progress)
 
 
 def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

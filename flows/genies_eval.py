@@ -1,0 +1,80 @@
+"""GENIES: every intervention trained on each source and reference distribution,
+evaluated on targets, sources and references; then metrics, leaderboard, report.
+
+Per shift S -> T (reference R) an intervention needs A(S->T), A(S->S) and
+A(R->R); zero_shot on T gives the baseline A0(T). Each (intervention, train
+distribution) and each evaluation is its own cached task.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from alignflow.config import GeniesConfig
+from flows.self_improve import run_context
+from genies.data import distribution_names
+from genies.interventions import make_intervention
+from genies.report import ReportSpec, evaluation_name, genies_report_task
+from genies.shifts import check_distributions, distributions_needed, load_shifts
+from genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
+                           pairs_spec)
+from tasks.base_model import base_model_task
+
+
+def data_dir(config: GeniesConfig) -> Path:
+    return Path(config.data_dir or Path(config.paths.resolved().home) / "genies").expanduser()
+
+
+def evaluations_needed(shifts, trains: bool) -> set[tuple[str | None, str]]:
+    """(train distribution or None, evaluated distribution) pairs one intervention needs."""
+    if not trains:
+        return {(None, d) for d in distributions_needed(shifts)["evaluate"]}
+    return {(s.source, s.target) for s in shifts} | {(s.source, s.source) for s in shifts} | {
+        (s.reference, s.reference) for s in shifts}
+
+
+def model_name(config: GeniesConfig) -> str:
+    """The base model's name in the published layout."""
+    return Path(config.model).name
+
+
+@flow(name="genies-eval")
+def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
+    ctx = run_context(config)
+    root = data_dir(config)
+    shifts = load_shifts(config.shifts)[: config.limit_shifts]
+    check_distributions(shifts, distribution_names(root))
+    specs = intervention_specs(config)
+    if config.ceiling not in ("best", *(s.name for s in specs)):
+        raise ValueError(f"ceiling: '{config.ceiling}' is neither 'best' nor one of the interventions run "
+                         f"({', '.join(s.name for s in specs)})")
+    model = base_model_task(config.model, ctx.model_cache)
+    needed = distributions_needed(shifts)
+
+    def pairs(distribution: str, split: str):
+        cap = config.max_train_pairs if split == "train" else config.max_eval_pairs
+        return genies_pairs_task(ctx, pairs_spec(root, distribution, split, cap, config.seed))
+
+    train_pairs = {d: pairs(d, "train") for d in sorted(needed["train"])}
+    test_pairs = {d: pairs(d, "test") for d in sorted(needed["evaluate"])}
+    evaluations, trains = {}, {}
+    for spec in specs:
+        trains[spec.name] = make_intervention(spec).trains
+        states = {d: genies_train_task(ctx, spec, model=model, pairs=train_pairs[d])
+                  for d in sorted(needed["train"])} if trains[spec.name] else {}
+        for source, target in sorted(evaluations_needed(shifts, trains[spec.name]), key=str):
+            parents = {"model": model, "pairs": test_pairs[target]} | ({"state": states[source]} if source else {})
+            evaluations[evaluation_name(spec.name, source, target)] = genies_evaluate_task(ctx, spec, **parents)
+    report_spec = ReportSpec(model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling)
+    report = genies_report_task(ctx, report_spec, **evaluations)
+    store = ctx.store()
+    local = store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts")
+    return {"report": report.uri, "report_dir": str(local), "means": store.manifest(report.stage, report.key)["metrics"]}
+
+
+def genies_summary_markdown(summary: dict) -> str:
+    lines = ["# genies-eval summary", "", f"report: `{summary['report_dir']}` (artifact `{summary['report']}`)", "",
+             "| intervention | mean differential elicitation |", "|---|---|"]
+    lines += [f"| {name.removeprefix('mean_de_')} | {value} |" for name, value in summary["means"].items()]
+    return "\n".join(lines) + "\n"

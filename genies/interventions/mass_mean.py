@@ -1,0 +1,114 @@
+"""mass_mean_shift: a truthfulness-style direction per layer.
+
+Per layer, the direction is mean(activation of preferred) - mean(activation of
+dispreferred), with activations taken at the last token of prompt+response.
+Layers are ranked by probe accuracy on held-out training pairs and the top k
+kept. A pair's score is 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d)),
+mapped to P(B preferred) by a logistic regression fitted on the held-out pairs.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignflow.config import GeniesScoringConfig, MassMeanShiftConfig
+from genies.interventions.base import Scores
+from genies.scoring import encode_pairs, last_token_states, per_pair_progress
+from workers.models import load_backbone
+from workers.scoring import map_batches
+
+
+@torch.inference_mode()
+def sequence_states(model, tokenizer, pairs: list[dict], scoring: GeniesScoringConfig, progress=None):
+    """(rows x layers x hidden activations of every distinct sequence, per-pair indices)."""
+    seqs = encode_pairs(tokenizer, pairs, scoring.max_tokens)
+    progress = per_pair_progress(progress, len(seqs.prompts), len(pairs))
+    states = map_batches(lambda batch: last_token_states(model, batch), seqs.prompts, seqs.responses,
+                         tokenizer.pad_token_id, scoring.token_budget, progress)
+    return torch.stack(states), torch.tensor(seqs.pair_index)
+
+
+def pair_differences(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """a(B) - a(A) per pair: pairs x layers x hidden."""
+    return states[index[:, 1]] - states[index[:, 0]]
+
+
+def layer_cosines(diffs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """cos(diff, direction) per pair and layer: pairs x layers."""
+    return F.cosine_similarity(diffs, directions.unsqueeze(0), dim=-1)
+
+
+def signed_to_preferred(pairs: list[dict]) -> torch.Tensor:
+    """+1 where B is preferred, -1 where A is: turns a(B) - a(A) into a(pref) - a(dispref)."""
+    return torch.tensor([1.0 if p["preferred"] == 1 else -1.0 for p in pairs])
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iterations: int = 50) -> tuple[float, float]:
+    """Weight and bias of P(y=1) = sigmoid(w x + b) by Newton's method with a small
+    L2 penalty on w (separable held-out sets would otherwise diverge)."""
+    features = torch.stack([x.double(), torch.ones_like(x, dtype=torch.double)], dim=1)
+    theta = torch.zeros(2, dtype=torch.double)
+    penalty = torch.diag(torch.tensor([l2, 0.0], dtype=torch.double))
+    for _ in range(iterations):
+        p = torch.sigmoid(features @ theta)
+        grad = features.T @ (p - y.double()) + penalty @ theta
+        hessian = features.T @ (features * (p * (1 - p)).unsqueeze(1)) + penalty + 1e-9 * torch.eye(2, dtype=torch.double)
+        step = torch.linalg.solve(hessian, grad)
+        theta -= step
+        if step.abs().max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def held_out_mask(pairs: list[dict], fraction: float, seed: int) -> torch.Tensor:
+    """Held out by record, so a record's pairs never straddle the split."""
+    held = [zlib.crc32(f"{seed}:{p['prompt']}".encode()) % 10_000 < fraction * 10_000 for p in pairs]
+    mask = torch.tensor(held)
+    if mask.all() or not mask.any():  # too few records to split: rank and calibrate in-sample
+        return torch.ones(len(pairs), dtype=torch.bool)
+    return mask
+
+
+class MassMeanShift:
+    name = "mass_mean_shift"
+    trains = True
+
+    def __init__(self, scoring: GeniesScoringConfig, config: MassMeanShiftConfig):
+        self.scoring = scoring
+        self.config = config
+
+    def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
+        model, tokenizer = load_backbone(base, self.scoring.dtype)
+        states, index = sequence_states(model, tokenizer, pairs, self.scoring, progress)
+        to_preferred = pair_differences(states, index) * signed_to_preferred(pairs)[:, None, None]
+        held = held_out_mask(pairs, self.config.held_out_fraction, self.config.seed)
+        fit = ~held if (~held).any() else held
+        directions = to_preferred[fit].mean(dim=0)  # layers x hidden
+        accuracy = (layer_cosines(to_preferred[held], directions) > 0).float().mean(dim=0)
+        layers = accuracy.argsort(descending=True, stable=True)[: self.config.top_layers]
+        x = pair_score(pair_differences(states, index)[held][:, layers], directions[layers])
+        y = torch.tensor([float(p["preferred"] == 1) for p, h in zip(pairs, held.tolist()) if h])
+        weight, bias = fit_logistic(x, y)
+        torch.save({"layers": layers, "directions": directions[layers]}, out / "directions.pt")
+        state = {"layers": layers.tolist(), "layer_accuracy": [round(float(a), 4) for a in accuracy],
+                 "weight": weight, "bias": bias, "fit_pairs": int(fit.sum()), "held_out_pairs": int(held.sum())}
+        (out / "probe.json").write_text(json.dumps(state, indent=1))
+        return {"held_out_accuracy_best_layer": float(accuracy.max()), "layers": len(layers)}
+
+    def evaluate(self, base: Path, state: Path | None, pairs: list[dict], progress=None) -> Scores:
+        probe = json.loads((state / "probe.json").read_text())
+        saved = torch.load(state / "directions.pt")
+        model, tokenizer = load_backbone(base, self.scoring.dtype)
+        states, index = sequence_states(model, tokenizer, pairs, self.scoring, progress)
+        x = pair_score(pair_differences(states, index)[:, saved["layers"]], saved["directions"])
+        p_b = torch.sigmoid(probe["weight"] * x + probe["bias"])
+        return Scores(p_a=(1 - p_b).tolist(), extra={"mean_pair_score": float(x.mean())})
+
+
+def pair_score(diffs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """1/2 (1 + mean over layers of cos(a(B) - a(A), direction)): above 1/2 favours B."""
+    return 0.5 * (1 + layer_cosines(diffs, directions).mean(dim=1))

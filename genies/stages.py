@@ -1,0 +1,128 @@
+"""The GENIES stages: load a distribution split into pairs, train an
+intervention on a source, evaluate a trained state on a distribution.
+
+Each is a cached, retryable Prefect task like every other stage; the artifact
+key covers the data file's hash, the intervention's config and code, and (for
+external scripts) the scripts' own source.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from alignflow.config import GeniesConfig, GeniesScoringConfig, Strict
+from genies.data import capped, expand_pairs, read_split
+from genies.interventions import BUILTIN, make_intervention
+from genies.metrics import pair_metrics
+from storage.artifacts import ArtifactRef
+from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+
+# -- pairs ---------------------------------------------------------------------
+class PairsSpec(Strict):
+    distribution: str
+    split: str
+    path: str
+    sha256: str  # the split file's content: an edited release is a new input
+    max_pairs: int | None
+    seed: int
+
+
+def pairs_spec(data_dir: Path, distribution: str, split: str, max_pairs: int | None, seed: int) -> PairsSpec:
+    path = Path(data_dir) / "distributions" / distribution / f"{split}.json"
+    return PairsSpec(distribution=distribution, split=split, path=str(path),
+                     sha256=hashlib.sha256(path.read_bytes()).hexdigest(), max_pairs=max_pairs, seed=seed)
+
+
+def compute_pairs(ctx: RunContext, spec: PairsSpec, key: str) -> StageOutput:
+    records = read_split(Path(spec.path).parent, spec.split)
+    pairs = capped(expand_pairs(records, spec.seed, spec.distribution, spec.split), spec.max_pairs, spec.seed)
+    share_a = sum(p["preferred"] == 0 for p in pairs) / len(pairs)
+    return StageOutput(tables=[pa.Table.from_pylist(pairs)],
+                       metrics={"records": len(records), "rows_out": len(pairs), "preferred_in_a": round(share_a, 3)})
+
+
+# -- interventions -------------------------------------------------------------
+class InterventionSpec(Strict):
+    """Everything that decides an intervention's numbers."""
+
+    name: str
+    params: dict = {}
+    scoring: GeniesScoringConfig = GeniesScoringConfig()
+    script_dir: str | None = None
+    script_sha256: str | None = None
+
+
+def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
+    """zero_shot always runs (it is the baseline), then the configured ones in order."""
+    unknown = [n for n in config.interventions if n not in BUILTIN and n not in config.external]
+    if unknown:
+        raise ValueError(f"interventions: unknown {unknown}; built in: {', '.join(BUILTIN)}; "
+                         f"external (from 'external'): {', '.join(config.external) or 'none'}")
+    specs = []
+    for name in dict.fromkeys(["zero_shot", *config.interventions]):
+        if name in config.external:
+            folder = Path(config.external[name]).expanduser().resolve()
+            specs.append(InterventionSpec(name=name, scoring=config.scoring, script_dir=str(folder),
+                                          script_sha256=_scripts_hash(folder)))
+        else:
+            params = getattr(config, name).model_dump(mode="json") if name != "zero_shot" else {}
+            specs.append(InterventionSpec(name=name, params=params, scoring=config.scoring))
+    return specs
+
+
+def _scripts_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef):
+    rows = ctx.store().read_rows(pairs)
+    intervention = make_intervention(spec, checkpoints=(ctx.store(), key))
+    out = Path(tempfile.mkdtemp(prefix="alignflow-genies-train-"))
+    (out / "state").mkdir()
+    metrics = intervention.train(ctx.model_dir(model), rows, out / "state", None)
+    metrics = {"train_pairs": len(rows), **metrics}
+    return StageOutput(tables=[pa.Table.from_pylist([metrics])], dirs={"state": out / "state"},
+                       metrics=metrics, scratch=out)
+
+
+def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef,
+                     state: ArtifactRef | None = None):
+    rows = ctx.store().read_rows(pairs)
+    intervention = make_intervention(spec, checkpoints=(ctx.store(), key))
+    state_dir = ctx.store().local_dir(state, "state", Path(ctx.model_cache) / "artifacts") if state else None
+    progress = Progress(f"evaluate {spec.name}", len(rows), unit="pairs")
+    scores = intervention.evaluate(ctx.model_dir(model), state_dir, rows, progress)
+    progress.close()
+    table, metrics = score_table(rows, scores)
+    return StageOutput(tables=[table], metrics={**metrics, **scores.extra})
+
+
+def score_table(rows: list[dict], scores) -> tuple[pa.Table, dict]:
+    """Per-pair P(preferred) and correctness; an accuracy-only result keeps just that."""
+    if scores.p_a is None:
+        return pa.Table.from_pylist([{"pair_id": r["pair_id"]} for r in rows]), {
+            "accuracy": scores.accuracy, "pairs": len(rows)}
+    p_preferred = [p if r["preferred"] == 0 else 1.0 - p for r, p in zip(rows, scores.p_a)]
+    table = pa.Table.from_pylist([
+        {"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": p, "p_preferred": q}
+        for r, p, q in zip(rows, scores.p_a, p_preferred)
+    ])
+    return table, pair_metrics(p_preferred)
+
+
+GENIES_MODULES = ("genies.stages", "genies.data", "genies.scoring", "genies.interventions.base",
+                  "genies.interventions.zero_shot", "genies.interventions.mass_mean", "genies.interventions.lora_rm",
+                  "genies.interventions.dpo", "genies.interventions.script", "tasks.train_dpo", "workers.scoring")
+GENIES_PAIRS = Stage("genies_pairs", compute_pairs, ("genies.stages", "genies.data"))
+GENIES_TRAIN = Stage("genies_train", compute_train, GENIES_MODULES)
+GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, GENIES_MODULES)
+genies_pairs_task = stage_task(GENIES_PAIRS)
+genies_train_task = stage_task(GENIES_TRAIN)
+genies_evaluate_task = stage_task(GENIES_EVALUATE)
+
