@@ -9,12 +9,23 @@ from alignflow.config import FLOW_CONFIGS, ConfigError, Paths, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.handler(args)
     except (ConfigError, ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may come before or after options: `run FLOW --config X key=value` works."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _one_line(e: BaseException) -> str:

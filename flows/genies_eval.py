@@ -34,6 +34,12 @@ def evaluations_needed(shifts, trains: bool) -> set[tuple[str | None, str]]:
         (s.reference, s.reference) for s in shifts}
 
 
+def launch(ctx, task, *args, **kwargs):
+    """On Ray, submit (tasks run concurrently on the actor pool, futures feed later
+    tasks); locally, call in order so one process owns the CPU."""
+    return task.submit(*args, **kwargs) if ctx.executor == "ray" else task(*args, **kwargs)
+
+
 def model_name(config: GeniesConfig) -> str:
     """The base model's name in the published layout."""
     return Path(config.model).name
@@ -61,11 +67,11 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     evaluations, trains = {}, {}
     for spec in specs:
         trains[spec.name] = make_intervention(spec).trains
-        states = {d: genies_train_task(ctx, spec, model=model, pairs=train_pairs[d])
+        states = {d: launch(ctx, genies_train_task, ctx, spec, model=model, pairs=train_pairs[d])
                   for d in sorted(needed["train"])} if trains[spec.name] else {}
         for source, target in sorted(evaluations_needed(shifts, trains[spec.name]), key=str):
             parents = {"model": model, "pairs": test_pairs[target]} | ({"state": states[source]} if source else {})
-            evaluations[evaluation_name(spec.name, source, target)] = genies_evaluate_task(ctx, spec, **parents)
+            evaluations[evaluation_name(spec.name, source, target)] = launch(ctx, genies_evaluate_task, ctx, spec, **parents)
     report_spec = ReportSpec(model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling)
     report = genies_report_task(ctx, report_spec, **evaluations)
     store = ctx.store()
@@ -76,5 +82,6 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
 def genies_summary_markdown(summary: dict) -> str:
     lines = ["# genies-eval summary", "", f"report: `{summary['report_dir']}` (artifact `{summary['report']}`)", "",
              "| intervention | mean differential elicitation |", "|---|---|"]
-    lines += [f"| {name.removeprefix('mean_de_')} | {value} |" for name, value in summary["means"].items()]
+    lines += [f"| {name.removeprefix('mean_de_')} | {value} |" for name, value in summary["means"].items()
+              if name.startswith("mean_de_")]
     return "\n".join(lines) + "\n"

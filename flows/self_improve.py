@@ -18,11 +18,14 @@ from tasks.stage import RunContext
 from tasks.train_dpo import train_dpo_task
 
 
-def run_context(config: SelfImproveConfig) -> RunContext:
+def run_context(config) -> RunContext:
+    """Where a flow's stages read and write, and where they run (local or a Ray pool)."""
     paths = config.paths.resolved()
+    executor = getattr(config, "executor", "local")
     return RunContext(
         artifact_root=paths.artifact_root, model_cache=paths.model_cache,
-        storage_options=config.storage.storage_options,
+        storage_options=config.storage.storage_options, executor=executor,
+        ray=config.ray.model_dump() if executor == "ray" else {},
     )
 
 

@@ -12,7 +12,9 @@ import hashlib
 import importlib
 import inspect
 import logging
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ class RunContext(BaseModel):
     artifact_root: str
     model_cache: str
     storage_options: dict = {}
+    executor: str = "local"  # "ray": stages run on the actor pool described by ``ray``
+    ray: dict = {}
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.artifact_root, self.storage_options)
@@ -82,7 +86,7 @@ class Stage:
             return store.ref(self.name, key)
         started = time.perf_counter()
         out = self.compute(ctx, config, key=key, **parents)
-        metrics = {**out.metrics, "seconds": round(time.perf_counter() - started, 3)}
+        metrics = {**out.metrics, "seconds": round(time.perf_counter() - started, 3), "worker": _worker()}
         ref = store.commit(
             self.name, key, tables=out.tables, local_dirs=out.dirs, parents=list(parents.values()),
             config=config.model_dump(mode="json"), code_version=code_version(*self.modules), metrics=metrics,
@@ -92,6 +96,11 @@ class Stage:
         publish_stage_report(self.name, ref, metrics, rows_in=_rows_in(store, parents))
         log.info("%s: committed %s", self.name, ref.uri)
         return ref
+
+
+def _worker() -> str:
+    """Which process computed an artifact (the driver, or a Ray actor)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _rows_in(store: ArtifactStore, parents: dict[str, ArtifactRef]) -> int:
@@ -108,6 +117,10 @@ def stage_task(stage: Stage, retries: int = 2):
         return f"{stage.name}-{key}-{stable_hash(params['ctx'].artifact_root)[:8]}"
 
     def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
+        if ctx.executor == "ray":
+            from workers.ray_pool import run_on_ray
+
+            return run_on_ray(stage, ctx, config, parents)
         return stage.run(ctx, config, **parents)
 
     run.__name__ = stage.name

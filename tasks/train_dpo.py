@@ -115,25 +115,32 @@ def load_trainable(model, weights: dict) -> None:
             params[name].copy_(value)
 
 
-def save_checkpoint(store: ArtifactStore, key: str, model, optimizer, state: TrainState) -> None:
-    buffer = io.BytesIO()
-    torch.save({"weights": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "state": state.__dict__}, buffer)
-    store.save_checkpoint("train_dpo", key, state.step, buffer.getvalue())
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a training stage keeps resumable checkpoints: under its own uncommitted key."""
 
+    store: ArtifactStore
+    stage: str
+    key: str
 
-def restore_checkpoint(store: ArtifactStore, key: str, model, optimizer) -> TrainState | None:
-    """Load the newest readable checkpoint (a torn newest one falls back to the previous)."""
-    for path in store.checkpoints("train_dpo", key):
-        try:
-            saved = torch.load(io.BytesIO(store.read_bytes(path)), weights_only=False)
-        except Exception:  # noqa: BLE001 - a partially written file from a killed run
-            continue
-        load_trainable(model, saved["weights"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        return TrainState(**saved["state"])
-    return None
+    def save(self, model, optimizer, state: TrainState) -> None:
+        buffer = io.BytesIO()
+        torch.save({"weights": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(), "state": state.__dict__}, buffer)
+        self.store.save_checkpoint(self.stage, self.key, state.step, buffer.getvalue())
+
+    def restore(self, model, optimizer) -> TrainState | None:
+        """Load the newest readable checkpoint (a torn newest one falls back to the previous)."""
+        for path in self.store.checkpoints(self.stage, self.key):
+            try:
+                saved = torch.load(io.BytesIO(self.store.read_bytes(path)), weights_only=False)
+            except Exception:  # noqa: BLE001 - a partially written file from a killed run
+                continue
+            load_trainable(model, saved["weights"])
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            return TrainState(**saved["state"])
+        return None
 
 
 def prepare_model(model_dir: Path, config: DPOConfig):
@@ -156,7 +163,7 @@ def micro_batches(rows: list[dict], config: DPOConfig, epoch: int) -> list[list[
     return [[rows[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
 
 
-def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, store: ArtifactStore, key: str, progress=None):
+def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, checkpoints: Checkpoints, progress=None):
     """The training loop; returns the final TrainState with the best weights loaded."""
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = optimizer_steps_per_epoch(len(train_rows), config)
@@ -164,7 +171,7 @@ def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, store: Arti
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = lambda step: lr_factor(step, total, max(1, round(config.warmup_ratio * total)))  # noqa: E731
-    state = restore_checkpoint(store, key, model, optimizer) or TrainState()
+    state = checkpoints.restore(model, optimizer) or TrainState()
     if state.step:
         log.info("train_dpo: resumed from the checkpoint at step %d of %d", state.step, total)
     if progress:
@@ -189,7 +196,7 @@ def train(model, tokenizer, train_rows, val_rows, config: DPOConfig, store: Arti
         if val_rows and (state.step % config.eval_every == 0 or state.step == total):
             _validate(model, val_rows, config, pad_id, state)
         if state.step % config.checkpoint_every == 0 and state.step < total:
-            save_checkpoint(store, key, model, optimizer, state)
+            checkpoints.save(model, optimizer, state)
         if progress:
             progress(1)
     if state.best_weights:
@@ -231,7 +238,7 @@ def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: Arti
     model.train()
     total = optimizer_steps_per_epoch(len(train_rows), config) * config.epochs
     progress = Progress("train_dpo", total, unit="steps")
-    state = train(model, tokenizer, train_rows, val_rows, config, store, key, progress)
+    state = train(model, tokenizer, train_rows, val_rows, config, Checkpoints(store, "train_dpo", key), progress)
     progress.close()
     model.eval()
     after = evaluate(model, eval_rows, config, tokenizer.pad_token_id)

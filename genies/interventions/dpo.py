@@ -8,7 +8,7 @@ from alignflow.config import DPOConfig, GeniesScoringConfig
 from genies.interventions.base import Scores
 from genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
 from storage.artifacts import ArtifactStore
-from tasks.train_dpo import prepare_model, save_models, split_pairs, train
+from tasks.train_dpo import Checkpoints, prepare_model, save_models, split_pairs, train
 from workers.models import load_causal_lm
 from workers.scoring import sequence_logprob_sums
 
@@ -50,7 +50,7 @@ class DPO:
         train_rows, val_rows = split_pairs(rows, self.config.val_fraction, self.config.seed)
         model, tokenizer = prepare_model(base, self.config)
         store, key = self.checkpoints
-        state = train(model, tokenizer, train_rows, val_rows, self.config, store, key, progress)
+        state = train(model, tokenizer, train_rows, val_rows, self.config, Checkpoints(store, "genies_train", key), progress)
         model.eval()
         save_models(model, tokenizer, self.config, out)
         last = state.log[-1] if state.log else {}

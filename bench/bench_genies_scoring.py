@@ -1,0 +1,101 @@
+"""Zero-shot GENIES scoring throughput: alignflow's hf path versus a plain
+per-pair transformers loop, on the same loaded model and the same pairs, in one run.
+
+alignflow: each distinct (prompt, response) scored once, length-bucketed batches
+under a token budget, logits kept only from the first response position.
+Baseline: for every pair, each response as its own forward pass over the full
+vocabulary logits (how a straightforward evaluation script does it).
+
+    python bench/bench_genies_scoring.py --data-dir $ALIGNFLOW_HOME/genies \\
+        --distributions alpaca_mmlu us_history_fiction --pairs 48
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from alignflow.config import GeniesScoringConfig, alignflow_home
+from genies.data import capped, distribution_dir, expand_pairs, read_split
+from genies.interventions.zero_shot import response_logprobs
+from genies.metrics import accuracy
+from genies.scoring import encode_pairs, probs_from_scores
+from workers.models import load_causal_lm, resolve_model_dir
+
+
+def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: int) -> list[dict]:
+    pairs = []
+    for name in names:
+        records = read_split(distribution_dir(data_dir, name), "test")
+        pairs += capped(expand_pairs(records, seed, name, "test"), per_distribution, seed)
+    return pairs
+
+
+@torch.inference_mode()
+def per_pair_loop(model, tokenizer, pairs: list[dict], max_tokens: int) -> tuple[list[float], list[float]]:
+    """The baseline: one forward per response, batch size 1, full logits."""
+    seqs = encode_pairs(tokenizer, pairs, max_tokens)  # same token ids as ours, so the numbers must agree
+    sums = {}
+    for a, b in seqs.pair_index:
+        for i in (a, b):
+            prompt, response = seqs.prompts[i], seqs.responses[i]
+            ids = torch.tensor([prompt + response])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            targets = ids[0, len(prompt):]
+            sums[(a, b, i)] = float(logp[len(prompt) - 1:].gather(-1, targets.unsqueeze(-1)).sum())
+    return [sums[(a, b, a)] for a, b in seqs.pair_index], [sums[(a, b, b)] for a, b in seqs.pair_index]
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model-cache", default=str(alignflow_home() / "models"))
+    p.add_argument("--data-dir", default=str(alignflow_home() / "genies"))
+    p.add_argument("--distributions", nargs="+", default=["alpaca_mmlu", "us_history_fiction"])
+    p.add_argument("--pairs", type=int, default=48, help="pairs per distribution")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/out/genies_scoring.json")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_causal_lm(resolve_model_dir(args.model, args.model_cache), args.dtype)
+    pairs = load_pairs(Path(args.data_dir), args.distributions, args.pairs, args.seed)
+    scoring = GeniesScoringConfig(max_tokens=args.max_tokens, dtype=args.dtype)
+    seqs = encode_pairs(tokenizer, pairs, args.max_tokens)
+    pair_tokens = sum(len(seqs.prompts[i]) + len(seqs.responses[i]) for pair in seqs.pair_index for i in pair)
+
+    response_logprobs(model, tokenizer, pairs[:4], scoring)  # warm-up: first-call allocations
+    (ours_a, ours_b), ours_s = timed(lambda: response_logprobs(model, tokenizer, pairs, scoring))
+    (base_a, base_b), base_s = timed(lambda: per_pair_loop(model, tokenizer, pairs, args.max_tokens))
+
+    p_ours, p_base = probs_from_scores(ours_a, ours_b), probs_from_scores(base_a, base_b)
+    preferred = [p if pair["preferred"] == 0 else 1 - p for pair, p in zip(pairs, p_ours)]
+    preferred_base = [p if pair["preferred"] == 0 else 1 - p for pair, p in zip(pairs, p_base)]
+    result = {
+        "model": args.model, "dtype": args.dtype, "distributions": args.distributions, "pairs": len(pairs),
+        "distinct_sequences": len(seqs.prompts), "pair_tokens": pair_tokens, "threads": torch.get_num_threads(),
+        "alignflow_s": round(ours_s, 2), "baseline_s": round(base_s, 2),
+        "alignflow_pairs_per_s": round(len(pairs) / ours_s, 2), "baseline_pairs_per_s": round(len(pairs) / base_s, 2),
+        "alignflow_tokens_per_s": round(pair_tokens / ours_s, 1), "baseline_tokens_per_s": round(pair_tokens / base_s, 1),
+        "speedup": round(base_s / ours_s, 2),
+        "max_abs_logprob_diff": max(abs(x - y) for x, y in zip(ours_a + ours_b, base_a + base_b)),
+        "accuracy_alignflow": accuracy(preferred), "accuracy_baseline": accuracy(preferred_base),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
