@@ -7,11 +7,11 @@ preferred response. Only ``prompt`` and ``responses`` are used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,8 @@ def read_split(distribution_dir: Path, split: str) -> list[dict]:
     """All records of one split, or an error naming the file and the first bad record."""
     path = Path(distribution_dir) / f"{split}.json"
     records = _read_json_list(path)
+    if not records:
+        raise GeniesDataError(f"{path}: no records")
     for index, record in enumerate(records):
         problem = record_problem(record)
         if problem:
@@ -92,7 +94,7 @@ def expand_pairs(records: list[dict], seed: int, distribution: str, split: str) 
         others = [text for text, label in record["responses"].items() if label == 0]
         for j, other in enumerate(others):
             pair_id = f"{distribution}/{split}/{index}/{j}"
-            a_preferred = zlib.crc32(f"{seed}:{pair_id}".encode()) % 2 == 0
+            a_preferred = seeded_coin(seed, pair_id)
             pairs.append({
                 "pair_id": pair_id, "record": index, "prompt": record["prompt"],
                 "response_a": preferred if a_preferred else other,
@@ -102,11 +104,17 @@ def expand_pairs(records: list[dict], seed: int, distribution: str, split: str) 
     return pairs
 
 
+def seeded_coin(seed: int, name: str) -> bool:
+    """A fair coin per (seed, name). sha256, not crc32: crc32 is linear, so its low
+    bit flips with the seed the same way for every name of one length."""
+    return hashlib.sha256(f"{seed}:{name}".encode()).digest()[0] % 2 == 0
+
+
 def capped(pairs: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
     """A seeded random subset of at most ``max_pairs`` pairs, kept in file order."""
     if max_pairs is None or len(pairs) <= max_pairs:
         return pairs
-    keep = sorted(pairs, key=lambda p: zlib.crc32(f"{seed}:cap:{p['pair_id']}".encode()))[:max_pairs]
+    keep = sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:cap:{p['pair_id']}".encode()).digest())[:max_pairs]
     chosen = {p["pair_id"] for p in keep}
     return [p for p in pairs if p["pair_id"] in chosen]
 
@@ -136,6 +144,8 @@ def validate_release(data_dir: Path) -> tuple[int, list[BadRecord]]:
             except GeniesDataError as e:
                 bad.append(BadRecord(name, split, -1, str(e)))
                 continue
+            if not records:
+                bad.append(BadRecord(name, split, -1, "no records"))
             checked += len(records)
             bad += [BadRecord(name, split, i, p) for i, r in enumerate(records) if (p := record_problem(r))]
     return checked, bad

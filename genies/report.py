@@ -78,10 +78,12 @@ class Table:
 def write_published_layout(folder: Path, table: Table) -> None:
     """Our results in the published layout, so they sit beside published ones."""
     model = table.spec.model
+    sources = {s.source for s in table.spec.shifts}
     for (intervention, source, target), metrics in table.results.items():
-        path = evaluation_path(folder / "evaluations", intervention, model, source, target)
-        write_json(path, {"eval_accuracy": metrics["accuracy"],
-                          **{k: metrics[k] for k in ("brier", "ece", "pairs") if k in metrics}})
+        result = {"eval_accuracy": metrics["accuracy"], **{k: metrics[k] for k in ("brier", "ece", "pairs") if k in metrics}}
+        # untrained results also under each source, as published: any intervention reads as <model>-<source>/
+        for trained_on in [source] if source else [None, *sorted(sources)]:
+            write_json(evaluation_path(folder / "evaluations", intervention, model, trained_on, target), result)
     for reference in {s.reference for s in table.spec.shifts}:
         accuracy, best = table.ceiling(reference)
         write_json(capability_path(folder / "target_tuned_capability", model, reference),

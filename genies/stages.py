@@ -46,7 +46,7 @@ def compute_pairs(ctx: RunContext, spec: PairsSpec, key: str) -> StageOutput:
 
 # -- interventions -------------------------------------------------------------
 class InterventionSpec(Strict):
-    """Everything that decides an intervention's numbers."""
+    """Everything that decides an intervention's numbers (for a script folder: every file in it)."""
 
     name: str
     params: dict = {}
@@ -57,6 +57,9 @@ class InterventionSpec(Strict):
 
 def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
     """zero_shot always runs (it is the baseline), then the configured ones in order."""
+    bad_names = [n for n in [*config.interventions, *config.external] if "__" in n or "/" in n]
+    if bad_names:
+        raise ValueError(f"interventions: names may not contain '__' or '/': {bad_names}")
     unknown = [n for n in config.interventions if n not in BUILTIN and n not in config.external]
     if unknown:
         raise ValueError(f"interventions: unknown {unknown}; built in: {', '.join(BUILTIN)}; "
@@ -75,7 +78,7 @@ def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
 
 def _scripts_hash(folder: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
 

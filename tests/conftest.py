@@ -86,3 +86,31 @@ def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return data
+
+
+# -- GENIES data (appended for tests/unit/genies and tests/integration/test_genies_*) --------
+# The public release lives beside the repository in <repo>/../shared/genies-data; the
+# tests extract only the distributions they use, into a session temp folder.
+GENIES_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "genies-data"
+GENIES_TEST_DISTRIBUTIONS = ("alpaca_short", "alpaca_long", "alpaca_mmlu", "arc_easy")
+
+
+@pytest.fixture(scope="session")
+def genies_tar() -> Path:
+    tar = GENIES_SHARED / "genies-datasets.tar.gz"
+    if not tar.is_file():
+        pytest.skip(f"GENIES release not found at {tar}")
+    return tar
+
+
+@pytest.fixture(scope="session")
+def genies_data_dir(genies_tar, tmp_path_factory) -> Path:
+    """A folder holding distributions/<name>/{train,test,metadata}.json for a few real distributions."""
+    import tarfile
+
+    out = tmp_path_factory.mktemp("genies-data")
+    wanted = tuple(f"distributions/{name}/" for name in GENIES_TEST_DISTRIBUTIONS)
+    with tarfile.open(genies_tar, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(wanted)]
+        tar.extractall(out, members=members, filter="data")
+    return out

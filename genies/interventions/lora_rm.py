@@ -75,7 +75,7 @@ class LoraRewardModel:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress:
                 progress(len(chosen))
         model.backbone.save_pretrained(out / "adapter")
