@@ -3,8 +3,8 @@
 Per layer, the direction is mean(activation of preferred) - mean(activation of
 dispreferred), with activations taken at the last token of prompt+response.
 Layers are ranked by probe accuracy on held-out training pairs and the top k
-kept. A pair's score is 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d)),
-mapped to P(B preferred) by a logistic regression fitted on the held-out pairs.
+kept. A pair's score is s = 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d));
+P(B preferred) = sigmoid(w (s - 1/2)) with w fitted on the held-out pairs.
 """
 from __future__ import annotations
 
@@ -47,21 +47,20 @@ def signed_to_preferred(pairs: list[dict]) -> torch.Tensor:
     return torch.tensor([1.0 if p["preferred"] == 1 else -1.0 for p in pairs])
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iterations: int = 50) -> tuple[float, float]:
-    """Weight and bias of P(y=1) = sigmoid(w x + b) by Newton's method with a small
-    L2 penalty on w (separable held-out sets would otherwise diverge)."""
-    features = torch.stack([x.double(), torch.ones_like(x, dtype=torch.double)], dim=1)
-    theta = torch.zeros(2, dtype=torch.double)
-    penalty = torch.diag(torch.tensor([l2, 0.0], dtype=torch.double))
+def fit_slope(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iterations: int = 50) -> float:
+    """w of P(y=1) = sigmoid(w x) by Newton's method, with a small L2 penalty
+    (separable held-out sets would otherwise diverge). No intercept: with x the
+    pair score centred at 1/2, swapping A and B flips x and the probability,
+    so an intercept could only learn a position bias from a few held-out pairs."""
+    x, y = x.double(), y.double()
+    w = torch.zeros((), dtype=torch.double)
     for _ in range(iterations):
-        p = torch.sigmoid(features @ theta)
-        grad = features.T @ (p - y.double()) + penalty @ theta
-        hessian = features.T @ (features * (p * (1 - p)).unsqueeze(1)) + penalty + 1e-9 * torch.eye(2, dtype=torch.double)
-        step = torch.linalg.solve(hessian, grad)
-        theta -= step
-        if step.abs().max() < 1e-10:
+        p = torch.sigmoid(w * x)
+        step = ((x * (p - y)).sum() + l2 * w) / ((x * x * p * (1 - p)).sum() + l2)
+        w = w - step
+        if step.abs() < 1e-10:
             break
-    return float(theta[0]), float(theta[1])
+    return float(w)
 
 
 def held_out_mask(pairs: list[dict], fraction: float, seed: int) -> torch.Tensor:
@@ -90,12 +89,12 @@ class MassMeanShift:
         directions = to_preferred[fit].mean(dim=0)  # layers x hidden
         accuracy = (layer_cosines(to_preferred[held], directions) > 0).float().mean(dim=0)
         layers = accuracy.argsort(descending=True, stable=True)[: self.config.top_layers]
-        x = pair_score(pair_differences(states, index)[held][:, layers], directions[layers])
+        x = pair_score(pair_differences(states, index)[held][:, layers], directions[layers]) - 0.5
         y = torch.tensor([float(p["preferred"] == 1) for p, h in zip(pairs, held.tolist()) if h])
-        weight, bias = fit_logistic(x, y)
+        weight = fit_slope(x, y)
         torch.save({"layers": layers, "directions": directions[layers]}, out / "directions.pt")
         state = {"layers": layers.tolist(), "layer_accuracy": [round(float(a), 4) for a in accuracy],
-                 "weight": weight, "bias": bias, "fit_pairs": int(fit.sum()), "held_out_pairs": int(held.sum())}
+                 "weight": weight, "fit_pairs": int(fit.sum()), "held_out_pairs": int(held.sum())}
         (out / "probe.json").write_text(json.dumps(state, indent=1))
         return {"held_out_accuracy_best_layer": float(accuracy.max()), "layers": len(layers)}
 
@@ -105,7 +104,7 @@ class MassMeanShift:
         model, tokenizer = load_backbone(base, self.scoring.dtype)
         states, index = sequence_states(model, tokenizer, pairs, self.scoring, progress)
         x = pair_score(pair_differences(states, index)[:, saved["layers"]], saved["directions"])
-        p_b = torch.sigmoid(probe["weight"] * x + probe["bias"])
+        p_b = torch.sigmoid(probe["weight"] * (x - 0.5))
         return Scores(p_a=(1 - p_b).tolist(), extra={"mean_pair_score": float(x.mean())})
 
 
