@@ -12,7 +12,6 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import GeniesConfig
-from flows.self_improve import run_context
 from genies.data import distribution_names
 from genies.interventions import make_intervention
 from genies.report import ReportSpec, evaluation_name, genies_report_task
@@ -20,6 +19,7 @@ from genies.shifts import check_distributions, distributions_needed, load_shifts
 from genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
                            pairs_spec)
 from tasks.base_model import base_model_task
+from tasks.stage import run_context
 
 
 def data_dir(config: GeniesConfig) -> Path:

@@ -14,19 +14,8 @@ from tasks.logprobs import logprobs_task
 from tasks.pairs import pairs_task
 from tasks.prompts import prompt_source, prompts_task
 from tasks.sample import sample_task
-from tasks.stage import RunContext
+from tasks.stage import run_context
 from tasks.train_dpo import train_dpo_task
-
-
-def run_context(config) -> RunContext:
-    """Where a flow's stages read and write, and where they run (local or a Ray pool)."""
-    paths = config.paths.resolved()
-    executor = getattr(config, "executor", "local")
-    return RunContext(
-        artifact_root=paths.artifact_root, model_cache=paths.model_cache,
-        storage_options=config.storage.storage_options, executor=executor,
-        ray=config.ray.model_dump() if executor == "ray" else {},
-    )
 
 
 @flow(name="self-improve")

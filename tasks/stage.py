@@ -51,6 +51,17 @@ class RunContext(BaseModel):
         return self.store().local_dir(ref, "merged", Path(self.model_cache) / "artifacts")
 
 
+def run_context(config) -> RunContext:
+    """Where a flow's stages read and write, and where they run (local or a Ray pool)."""
+    paths = config.paths.resolved()
+    executor = getattr(config, "executor", "local")
+    return RunContext(
+        artifact_root=paths.artifact_root, model_cache=paths.model_cache,
+        storage_options=config.storage.storage_options, executor=executor,
+        ray=config.ray.model_dump() if executor == "ray" else {},
+    )
+
+
 @dataclass
 class StageOutput:
     tables: list[pa.Table] = field(default_factory=list)
