@@ -110,7 +110,7 @@ def heatmap(path: Path, rows: list[dict], interventions: list[str]) -> None:
     fig.colorbar(image, ax=ax, label="differential elicitation (A - A0) / C")
     ax.set_title("GENIES: differential elicitation per shift")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -132,7 +132,7 @@ def mean_bars(path: Path, summary: list[dict], interventions: list[str]) -> None
     ax.set_ylabel("mean differential elicitation")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
