@@ -8,7 +8,6 @@ file and line (1-based; for Parquet/Arrow, the row number).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 
 from genies.data import distribution_dir, expand_pairs, read_split
 from genies.interventions.base import preferred_texts
+from tasks.prompts import read_jsonl
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -33,7 +33,7 @@ def read_preferences(spec: str, columns: dict[str, str] | None = None) -> list[d
     if path.is_dir():
         rows = _arrow_dir_rows(path)
     elif path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
+        rows = read_jsonl(path, PreferenceFileError, FIELDS)
     elif path.suffix == ".parquet":
         rows = list(enumerate(pq.read_table(path).to_pylist(), start=1))
     elif not path.exists():
@@ -42,21 +42,6 @@ def read_preferences(spec: str, columns: dict[str, str] | None = None) -> list[d
         raise PreferenceFileError(f"{path}: unsupported format '{path.suffix}' (expected .jsonl, .parquet or a datasets folder)")
     mapping = {field: (columns or {}).get(field, field) for field in FIELDS}
     return [_validated(path, line, row, mapping) for line, row in rows]
-
-
-def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreferenceFileError(f"{path}:{line_no}: bad JSON ({e.msg} at column {e.colno})") from None
-        rows.append((line_no, row))
-    if not rows:
-        raise PreferenceFileError(f"{path}: no rows")
-    return rows
 
 
 def _arrow_dir_rows(folder: Path) -> list[tuple[int, dict]]:

@@ -37,7 +37,7 @@ def prompt_source(spec: str, limit: int | None) -> PromptSource:
 
 def read_prompt_rows(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif path.suffix == ".parquet":
         rows = [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     else:
@@ -45,7 +45,9 @@ def read_prompt_rows(path: Path) -> list[dict]:
     return [_validated(path, line, row) for line, row in rows]
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, error: type[ValueError] = PromptFileError, fields=REQUIRED) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; bad JSON or a non-object
+    raises ``error`` naming the file and line."""
     rows = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -53,12 +55,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{line_no}: bad JSON ({e.msg} at column {e.colno})") from None
+            raise error(f"{path}:{line_no}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise PromptFileError(f"{path}:{line_no}: expected a JSON object with {REQUIRED}, got {type(row).__name__}")
+            raise error(f"{path}:{line_no}: expected a JSON object with {fields}, got {type(row).__name__}")
         rows.append((line_no, row))
     if not rows:
-        raise PromptFileError(f"{path}: no prompts")
+        raise error(f"{path}: no rows")
     return rows
 
 
