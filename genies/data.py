@@ -72,13 +72,18 @@ def read_split(distribution_dir: Path, split: str) -> list[dict]:
     return records
 
 
-def _read_json_list(path: Path) -> list:
+def read_json(path: Path, missing: str = "file not found"):
+    """A JSON file's content; a missing or malformed file is a GeniesDataError naming it."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise GeniesDataError(f"{path}: file not found") from None
+        raise GeniesDataError(f"{path}: {missing}") from None
     except json.JSONDecodeError as e:
         raise GeniesDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_json_list(path: Path) -> list:
+    records = read_json(path)
     if not isinstance(records, list):
         raise GeniesDataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from genies.data import GeniesDataError
+from genies.data import GeniesDataError, read_json
 from genies.shifts import Shift
 
 PUBLISHED_COLUMNS = ["source", "target", "target_reference", "generalization_accuracy", "baseline_accuracy",
@@ -103,12 +103,7 @@ def capability_path(capabilities: Path, model: str, reference: str) -> Path:
 
 
 def read_number(path: Path, field: str) -> float:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise GeniesDataError(f"{path}: result file not found (expected JSON with '{field}')") from None
-    except json.JSONDecodeError as e:
-        raise GeniesDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path, f"result file not found (expected JSON with '{field}')")
     value = data.get(field) if isinstance(data, dict) else None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise GeniesDataError(f"{path}: no numeric '{field}' (found keys: {sorted(data) if isinstance(data, dict) else []})")

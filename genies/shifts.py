@@ -2,12 +2,11 @@
 (a list of ``{source, target, target_reference?, label?, category?}``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from genies.data import GeniesDataError
+from genies.data import GeniesDataError, read_json
 
 
 class Shift(BaseModel):
@@ -58,12 +57,7 @@ def load_shifts(spec: str) -> tuple[Shift, ...]:
     if spec in BUILTIN:
         return BUILTIN[spec]
     path = Path(spec)
-    try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GeniesDataError(f"{spec}: shift spec not found (expected a JSON file or one of {list(BUILTIN)})") from None
-    except json.JSONDecodeError as e:
-        raise GeniesDataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    entries = read_json(path, f"shift spec not found (expected a JSON file or one of {list(BUILTIN)})")
     if not isinstance(entries, list) or not entries:
         raise GeniesDataError(f"{path}: expected a non-empty JSON list of shifts")
     shifts = []

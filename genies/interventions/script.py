@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from genies.data import GeniesDataError
+from genies.data import GeniesDataError, read_json
 from genies.interventions.base import Scores, preferred_texts
 
 
@@ -40,12 +40,7 @@ def write_distribution(root: Path, pairs: list[dict], split: str) -> Path:
 
 
 def read_accuracy(path: Path) -> tuple[float, dict]:
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GeniesDataError(f"{path}: eval.py wrote no result file") from None
-    except json.JSONDecodeError as e:
-        raise GeniesDataError(f"{path}: not valid JSON ({e.msg})") from None
+    result = read_json(path, "eval.py wrote no result file")
     if not isinstance(result, dict) or not isinstance(result.get("eval_accuracy"), (int, float)):
         raise GeniesDataError(f"{path}: no numeric 'eval_accuracy' (keys: {sorted(result) if isinstance(result, dict) else type(result).__name__})")
     extra = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "eval_accuracy"}
