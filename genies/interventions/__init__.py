@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from alignflow.config import DPOConfig, FewShotConfig, LoraRewardConfig, MassMeanShiftConfig
+from genies.interventions.base import Intervention
 from genies.interventions.dpo import DPO
 from genies.interventions.lora_rm import LoraRewardModel
 from genies.interventions.mass_mean import MassMeanShift
@@ -18,7 +19,7 @@ BUILDERS = {
 BUILTIN = tuple(BUILDERS)
 
 
-def make_intervention(spec, checkpoints=None):
+def make_intervention(spec, checkpoints=None) -> Intervention:
     """The intervention a spec names; ``spec.script_dir`` set means an external script folder.
     ``checkpoints`` = (store, key) where resumable training keeps its checkpoints."""
     if spec.script_dir:
