@@ -86,12 +86,12 @@ class LoraConfig(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class DPOConfig(Strict):
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    beta: float = Field(0.1, gt=0.0)
+class TrainConfig(Strict):
+    """What every training stage shares (the loop in tasks/training.py)."""
+
     lr: float = Field(5e-5, gt=0.0)
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
+    batch_size: int = Field(4, ge=1, description="rows (pairs, examples or groups) per micro-batch")
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -102,6 +102,11 @@ class DPOConfig(Strict):
     full_finetune: bool = False
     lora: LoraConfig = LoraConfig()
     seed: int = 0
+
+
+class DPOConfig(TrainConfig):
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
 
 
 class SelfImproveConfig(Strict):

@@ -8,7 +8,7 @@ HEADLINE = {
     "judge": ["rows_out", "unparsed", "position_consistency", "reference_agreement"],
     "pairs": ["rows_out", "mean_margin"],
     "logprobs": ["rows_out", "tokens_per_s"],
-    "train_dpo": ["train_pairs", "val_pairs", "steps", "before_loss", "after_loss",
+    "train_dpo": ["train_rows", "val_rows", "steps", "before_loss", "after_loss",
                   "before_reward_accuracy", "after_reward_accuracy", "after_margin"],
 }
 

@@ -8,7 +8,8 @@ from alignflow.config import DPOConfig, GeniesScoringConfig
 from genies.interventions.base import Scores
 from genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
 from storage.artifacts import ArtifactStore
-from tasks.train_dpo import Checkpoints, prepare_model, save_models, split_pairs, train
+from tasks.train_dpo import dpo_objective
+from tasks.training import Checkpoints, prepare_model, save_models, split_rows, train
 from workers.models import load_causal_lm
 from workers.scoring import sequence_logprob_sums
 
@@ -47,10 +48,11 @@ class DPO:
         rows = dpo_rows(encode_pairs(tokenizer, pairs, self.scoring.max_tokens), pairs)
         add_reference_logprobs(reference, tokenizer.pad_token_id, rows, self.scoring.token_budget)
         del reference
-        train_rows, val_rows = split_pairs(rows, self.config.val_fraction, self.config.seed)
+        train_rows, val_rows = split_rows(rows, self.config.val_fraction, self.config.seed)
         model, tokenizer = prepare_model(base, self.config)
         store, key = self.checkpoints
-        state = train(model, tokenizer, train_rows, val_rows, self.config, Checkpoints(store, "genies_train", key), progress)
+        objective = dpo_objective(self.config, tokenizer.pad_token_id)
+        state = train(model, train_rows, val_rows, self.config, objective, Checkpoints(store, "genies_train", key), progress)
         model.eval()
         save_models(model, tokenizer, self.config, out)
         last = state.log[-1] if state.log else {}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from alignflow.config import GeniesScoringConfig, LoraRewardConfig
 from genies.interventions.base import Scores
 from genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
-from tasks.train_dpo import lr_factor
+from tasks.training import lr_factor
 from workers.models import load_backbone
 from workers.scoring import map_batches, pack
 

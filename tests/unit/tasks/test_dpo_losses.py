@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from tasks.train_dpo import dpo_losses, lr_factor, split_pairs
+from tasks.train_dpo import dpo_losses
+from tasks.training import lr_factor, split_rows
 
 # log pi(y_w) = -10, log pi(y_l) = -14, log pi_ref(y_w) = -11, log pi_ref(y_l) = -13
 #   z = (-10 - -14) - (-11 - -13) = 4 - 2 = 2
@@ -137,49 +138,49 @@ def test_lr_factor_total_equal_to_warmup_does_not_divide_by_zero():
     assert lr_factor(6, 5, 5) == pytest.approx(0.0, abs=1e-12)
 
 
-# -- split_pairs ---------------------------------------------------------------
+# -- split_rows ---------------------------------------------------------------
 
 
 def _rows(n, per_prompt=1):
     return [{"prompt_id": f"p{i}", "k": j} for i in range(n) for j in range(per_prompt)]
 
 
-def test_split_pairs_is_a_partition_and_deterministic():
+def test_split_rows_is_a_partition_and_deterministic():
     rows = _rows(200)
-    train, val = split_pairs(rows, 0.2, seed=0)
+    train, val = split_rows(rows, 0.2, seed=0)
     assert len(train) + len(val) == 200
     assert {r["prompt_id"] for r in train}.isdisjoint({r["prompt_id"] for r in val})
     assert sorted(r["prompt_id"] for r in train + val) == sorted(r["prompt_id"] for r in rows)
     # roughly the requested fraction (200 draws, expectation 40)
     assert 15 <= len(val) <= 70
-    again = split_pairs(list(reversed(rows)), 0.2, seed=0)
+    again = split_rows(list(reversed(rows)), 0.2, seed=0)
     assert {r["prompt_id"] for r in again[1]} == {r["prompt_id"] for r in val}
 
 
-def test_split_pairs_keeps_a_prompt_on_one_side():
+def test_split_rows_keeps_a_prompt_on_one_side():
     rows = _rows(50, per_prompt=3)
-    train, val = split_pairs(rows, 0.3, seed=1)
+    train, val = split_rows(rows, 0.3, seed=1)
     train_ids = {r["prompt_id"] for r in train}
     val_ids = {r["prompt_id"] for r in val}
     assert train_ids.isdisjoint(val_ids)
     assert all(sum(r["prompt_id"] == pid for r in val) == 3 for pid in val_ids)
 
 
-def test_split_pairs_seed_changes_the_split():
+def test_split_rows_seed_changes_the_split():
     rows = _rows(200)
-    _, val0 = split_pairs(rows, 0.5, seed=0)
-    _, val1 = split_pairs(rows, 0.5, seed=1)
+    _, val0 = split_rows(rows, 0.5, seed=0)
+    _, val1 = split_rows(rows, 0.5, seed=1)
     assert {r["prompt_id"] for r in val0} != {r["prompt_id"] for r in val1}
 
 
-def test_split_pairs_zero_fraction_is_all_train():
+def test_split_rows_zero_fraction_is_all_train():
     rows = _rows(30)
-    train, val = split_pairs(rows, 0.0, seed=0)
+    train, val = split_rows(rows, 0.0, seed=0)
     assert train == rows and val == []
 
 
-def test_split_pairs_always_keeps_one_training_pair():
+def test_split_rows_always_keeps_one_training_pair():
     rows = _rows(5)
-    train, val = split_pairs(rows, 1.0, seed=0)  # every row would be validation
+    train, val = split_rows(rows, 1.0, seed=0)  # every row would be validation
     assert len(train) == 1 and len(val) == 4
     assert train[0] == rows[0]
