@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Dtype = Literal["float32", "bfloat16"]
 
@@ -55,6 +55,8 @@ class SampleConfig(Strict):
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     dtype: Dtype = "float32"
+    cot: bool = Field(False, description="chain-of-thought candidates for GEM: keep each step's raw next-token entropy")
+    max_prompts: int | None = Field(None, ge=1, description="sample from the first this many distinct prompts only")
 
 
 class JudgeConfig(Strict):
@@ -77,6 +79,8 @@ class PairsConfig(Strict):
 
 class LogprobsConfig(Strict):
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
+    max_prompt_tokens: int | None = Field(None, ge=16)
+    max_response_tokens: int | None = Field(None, ge=2)
 
 
 class LoraConfig(Strict):
@@ -186,7 +190,92 @@ class GeniesConfig(Strict):
     dpo: DPOConfig = DPOConfig(lr=1e-4, epochs=2, val_fraction=0.0)
 
 
-FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig}
+class SFTConfig(TrainConfig):
+    """Reflective SFT: the target is reasoning, then the marker, then the chosen answer."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: bool = Field(False, description="reason from the rejected answer as a first draft (the paper's reflection)")
+    reasoning: str = Field("Let me think about what a good answer needs.", description="reasoning without contrast")
+    contrast_reasoning: str = Field(
+        "A first draft: {rejected}\nThat draft falls short; a better answer fixes its problems.",
+        description="reasoning with contrast; {rejected} is the rejected answer")
+    marker: str = "Final Answer:"
+    max_prompt_tokens: int = Field(512, ge=16)
+    max_answer_tokens: int = Field(256, ge=4, description="the chosen and the rejected answer each keep this many tokens")
+
+
+class EntropyConfig(Strict):
+    """Cognitive filtering by Eq. 1: S = -H_final + lambda_fork * mean(top-m reasoning entropies)."""
+
+    lambda_fork: float = Field(0.4, ge=0.0)
+    top_m: float = Field(0.1, gt=0.0, description="< 1: fraction of the reasoning span (rounded up); >= 1: a count")
+    final_window: int = Field(3, ge=1, description="tokens scored as the final answer when the marker is missing")
+    marker: str = "Final Answer:"
+    trim_outliers: bool = Field(False, description="drop candidates below Q1 - iqr_k * IQR of all scores")
+    iqr_k: float = Field(1.5, gt=0.0)
+    emit_pairs: bool = Field(False, description="also write top-vs-bottom preference pairs per prompt")
+
+
+class SEGAConfig(TrainConfig):
+    """SEGA (Eq. 2) on the sampled groups. Defaults follow the public code: summed
+    log-probs, no KL, AdamW lr 5e-6, grad clip 1."""
+
+    lr: float = Field(5e-6, gt=0.0)
+    batch_size: int = Field(2, ge=1, description="groups (prompts with their k candidates) per micro-batch")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    mapping: Literal["softmax", "identity"] = "softmax"
+    zscore: bool = False
+    length_normalize: bool = Field(False, description="per-token mean log-probs instead of sums")
+    kl_coef: float = Field(0.0, ge=0.0, description="weight of the per-token KL penalty to the starting policy")
+
+
+class PrefAccuracyConfig(Strict):
+    beta: float = Field(0.1, gt=0.0)
+    max_prompt_tokens: int = Field(512, ge=16)
+    max_response_tokens: int = Field(256, ge=2)
+    token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
+    dtype: Dtype = "float32"
+
+
+class GemConfig(Strict):
+    """The gem flow: reflective SFT -> k CoT candidates with entropies -> Eq. 1
+    filtering -> SEGA -> preference accuracy (base, SFT, GEM, and DPO to compare)."""
+
+    model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
+    train: dict[str, str] = Field(
+        {"alpaca_low_quality": "genies:alpaca_low_quality:train", "alpaca_mmlu": "genies:alpaca_mmlu:train"},
+        description="name -> .jsonl, .parquet, a datasets folder or genies:DISTRIBUTION:SPLIT")
+    eval: dict[str, str] = {
+        "alpaca_low_quality": "genies:alpaca_low_quality:test", "alpaca_mmlu": "genies:alpaca_mmlu:test",
+        "alpaca_high_quality": "genies:alpaca_high_quality:test"}
+    columns: dict[str, str] = Field(default_factory=dict, description="prompt/chosen/rejected -> the files' column names")
+    genies_data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
+    max_train_pairs: int | None = Field(None, ge=1, description="cap per training set (seeded subset)")
+    max_eval_pairs: int | None = Field(None, ge=1, description="cap per evaluation set (seeded subset)")
+    seed: int = 0
+    compare_dpo: bool = Field(True, description="also train DPO from the base model on the same pairs")
+    paths: Paths = Paths()
+    storage: Storage = Storage()
+    sft: SFTConfig = SFTConfig()
+    sample: SampleConfig = SampleConfig(n=4, temperature=1.0, top_p=0.95, cot=True)
+    entropy: EntropyConfig = EntropyConfig()
+    sega: SEGAConfig = SEGAConfig()
+    logprobs: LogprobsConfig = LogprobsConfig()
+    dpo: DPOConfig = DPOConfig()
+    pref_accuracy: PrefAccuracyConfig = PrefAccuracyConfig()
+
+    @model_validator(mode="after")
+    def _one_marker(self):
+        if self.sft.marker != self.entropy.marker:
+            raise ValueError(f"sft.marker {self.sft.marker!r} and entropy.marker {self.entropy.marker!r} must be the "
+                             "same: filtering looks for the marker SFT taught")
+        if not self.sample.cot:
+            raise ValueError("sample.cot must be true in the gem flow: entropy filtering needs the per-step entropies")
+        return self
+
+
+FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig, "gem": GemConfig}
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,9 @@
+from flows.gem import gem, gem_summary_markdown
 from flows.genies_eval import genies_eval, genies_summary_markdown
 from flows.report import summary_markdown
 from flows.self_improve import self_improve
 
-FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval}
+FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval, "gem": gem}
 # how the CLI prints each flow's returned summary
-SUMMARIES = {"self-improve": lambda s: summary_markdown("self-improve", s), "genies-eval": genies_summary_markdown}
+SUMMARIES = {"self-improve": lambda s: summary_markdown("self-improve", s), "genies-eval": genies_summary_markdown,
+             "gem": gem_summary_markdown}

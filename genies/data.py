@@ -115,13 +115,13 @@ def seeded_coin(seed: int, name: str) -> bool:
     return hashlib.sha256(f"{seed}:{name}".encode()).digest()[0] % 2 == 0
 
 
-def capped(pairs: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
+def capped(pairs: list[dict], max_pairs: int | None, seed: int, id_field: str = "pair_id") -> list[dict]:
     """A seeded random subset of at most ``max_pairs`` pairs, kept in file order."""
     if max_pairs is None or len(pairs) <= max_pairs:
         return pairs
-    keep = sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:cap:{p['pair_id']}".encode()).digest())[:max_pairs]
-    chosen = {p["pair_id"] for p in keep}
-    return [p for p in pairs if p["pair_id"] in chosen]
+    keep = sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:cap:{p[id_field]}".encode()).digest())[:max_pairs]
+    chosen = {p[id_field] for p in keep}
+    return [p for p in pairs if p[id_field] in chosen]
 
 
 def distribution_names(data_dir: Path) -> list[str]:

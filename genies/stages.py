@@ -121,7 +121,8 @@ def score_table(rows: list[dict], scores) -> tuple[pa.Table, dict]:
 
 GENIES_MODULES = ("genies.stages", "genies.data", "genies.scoring", "genies.interventions.base",
                   "genies.interventions.zero_shot", "genies.interventions.mass_mean", "genies.interventions.lora_rm",
-                  "genies.interventions.dpo", "genies.interventions.script", "tasks.train_dpo", "tasks.training", "workers.scoring")
+                  "genies.interventions.dpo", "genies.interventions.script", "tasks.train_dpo", "tasks.training",
+                  "workers.scoring")
 GENIES_PAIRS = Stage("genies_pairs", compute_pairs, ("genies.stages", "genies.data"))
 GENIES_TRAIN = Stage("genies_train", compute_train, GENIES_MODULES)
 GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, GENIES_MODULES)

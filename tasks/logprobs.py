@@ -1,6 +1,8 @@
 """logprobs: reference-model summed log-probs of each pair's chosen and rejected
 responses (prompt masked, end-of-turn token kept, float32, no length
-normalisation), stored with the token ids so training never re-tokenises."""
+normalisation), stored with the token ids so training never re-tokenises.
+Optional limits fit long pairs: the prompt loses tokens from the left, a
+response keeps its first tokens and its end-of-turn token."""
 from __future__ import annotations
 
 import time
@@ -10,24 +12,13 @@ import pyarrow as pa
 from alignflow.config import LogprobsConfig
 from storage.artifacts import ArtifactRef
 from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.chat import prompt_ids, response_ids
+from workers.chat import encode_pair
 from workers.hf import HFBackend
 
 
-def tokenize_pairs(tokenizer, stop_ids: list[int], pairs: list[dict]) -> list[dict]:
-    out = []
-    for p in pairs:
-        out.append({
-            **p,
-            "prompt_ids": prompt_ids(tokenizer, p["prompt"]),
-            "chosen_ids": response_ids(tokenizer, p["prompt"], p["chosen"], stop_ids),
-            "rejected_ids": response_ids(tokenizer, p["prompt"], p["rejected"], stop_ids),
-        })
-    return out
-
-
-def reference_logprobs(backend, pairs: list[dict], progress=None) -> tuple[list[dict], dict]:
-    rows = tokenize_pairs(backend.tokenizer, backend.stop_ids, pairs)
+def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progress=None) -> tuple[list[dict], dict]:
+    rows = [{**p, **encode_pair(backend.tokenizer, p, backend.stop_ids, config.max_prompt_tokens,
+                                config.max_response_tokens)} for p in pairs]
     prompts = [r["prompt_ids"] for r in rows] * 2
     responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     started = time.perf_counter()
@@ -44,7 +35,7 @@ def compute_logprobs(ctx: RunContext, config: LogprobsConfig, key: str, referenc
     rows = ctx.store().read_rows(pairs)
     backend = HFBackend(ctx.model_dir(reference), dtype="float32", token_budget=config.token_budget)
     progress = Progress("logprobs", 2 * len(rows), unit="seqs")
-    out, metrics = reference_logprobs(backend, rows, progress)
+    out, metrics = reference_logprobs(backend, rows, config, progress)
     progress.close()
     return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
 

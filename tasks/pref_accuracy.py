@@ -4,8 +4,22 @@ r(q, a) = beta * sum_t log pi(a_t | q, a_<t), or with a reference model
 beta * (log pi - log pi_ref) (as RewardBench scores DPO models). A pair is
 correct when r(chosen) > r(rejected); ties are reported on their own and are
 not counted as correct.
+
+``policy`` and ``reference`` are each a model or a pref_accuracy artifact that
+already scored that model on the same pairs, so each model's log-probs are
+computed once however many comparisons use them.
 """
 from __future__ import annotations
+
+import pyarrow as pa
+
+from alignflow.config import PrefAccuracyConfig
+from storage.artifacts import ArtifactRef
+from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from workers.chat import encode_pair
+from workers.hf import end_of_turn_ids
+from workers.models import load_causal_lm
+from workers.scoring import sequence_logprob_sums
 
 
 def implicit_rewards(policy: list[float], beta: float, reference: list[float] | None = None) -> list[float]:
@@ -23,3 +37,62 @@ def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict:
     n = len(chosen)
     return {"pairs": n, "accuracy": wins / n, "ties": ties / n,
             "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n}
+
+
+def policy_logprobs(model, tokenizer, pairs: list[dict], config: PrefAccuracyConfig, progress=None):
+    """Summed log pi of each pair's chosen and of its rejected response."""
+    stops = end_of_turn_ids(tokenizer, model)
+    encoded = [encode_pair(tokenizer, p, stops, config.max_prompt_tokens, config.max_response_tokens) for p in pairs]
+    prompts = [e["prompt_ids"] for e in encoded] * 2
+    responses = [e["chosen_ids"] for e in encoded] + [e["rejected_ids"] for e in encoded]
+    sums = sequence_logprob_sums(model, tokenizer.pad_token_id, prompts, responses, config.token_budget, progress)
+    return sums[: len(pairs)], sums[len(pairs) :]
+
+
+def scored_sides(rows: list[dict], pairs: list[dict]) -> tuple[list[float], list[float]]:
+    """The log-probs a pref_accuracy artifact holds, in the order of ``pairs``."""
+    by_id = {r["id"]: r for r in rows}
+    missing = [p["id"] for p in pairs if p["id"] not in by_id]
+    if missing:
+        raise ValueError(f"pref_accuracy: an artifact scored other pairs ({len(missing)} missing, e.g. {missing[0]})")
+    return [by_id[p["id"]]["chosen_logp"] for p in pairs], [by_id[p["id"]]["rejected_logp"] for p in pairs]
+
+
+def sides_of(ctx: RunContext, ref: ArtifactRef, pairs: list[dict], config: PrefAccuracyConfig):
+    if ref.stage == PREF_ACCURACY.name:
+        return scored_sides(ctx.store().read_rows(ref), pairs)
+    model, tokenizer = load_causal_lm(ctx.model_dir(ref), config.dtype)
+    progress = Progress("pref_accuracy", 2 * len(pairs), unit="seqs")
+    sides = policy_logprobs(model, tokenizer, pairs, config, progress)
+    progress.close()
+    return sides
+
+
+def accuracy_by_dataset(rows: list[dict]) -> dict:
+    """Flat metrics: overall and per dataset (``accuracy/<dataset>``, ...)."""
+    metrics = {f"{k}": round(v, 4) for k, v in preference_accuracy(
+        [r["chosen_reward"] for r in rows], [r["rejected_reward"] for r in rows]).items()}
+    for dataset in sorted({r["dataset"] for r in rows}):
+        part = [r for r in rows if r["dataset"] == dataset]
+        result = preference_accuracy([r["chosen_reward"] for r in part], [r["rejected_reward"] for r in part])
+        metrics |= {f"{k}/{dataset}": round(v, 4) for k, v in result.items()}
+    return metrics
+
+
+def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str, policy: ArtifactRef,
+                          pairs: ArtifactRef, reference: ArtifactRef | None = None):
+    rows = ctx.store().read_rows(pairs)
+    chosen, rejected = sides_of(ctx, policy, rows, config)
+    ref_chosen, ref_rejected = sides_of(ctx, reference, rows, config) if reference else (None, None)
+    chosen_rewards = implicit_rewards(chosen, config.beta, ref_chosen)
+    rejected_rewards = implicit_rewards(rejected, config.beta, ref_rejected)
+    out = [{"id": p["id"], "dataset": p["dataset"], "chosen_logp": c, "rejected_logp": r,
+            "chosen_reward": cr, "rejected_reward": rr, "correct": cr > rr, "tie": cr == rr}
+           for p, c, r, cr, rr in zip(rows, chosen, rejected, chosen_rewards, rejected_rewards)]
+    return StageOutput(tables=[pa.Table.from_pylist(out)],
+                       metrics={"with_reference": reference is not None, **accuracy_by_dataset(out)})
+
+
+PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy,
+                      ("tasks.pref_accuracy", "workers.chat", "workers.scoring", "workers.models"))
+pref_accuracy_task = stage_task(PREF_ACCURACY)

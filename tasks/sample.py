@@ -1,4 +1,6 @@
-"""sample: n candidates per prompt from the policy, with per-token log-probs."""
+"""sample: n candidates per prompt from the policy, with per-token log-probs of
+the raw next-token distribution. In CoT mode (GEM) each step's raw entropy is
+kept too, computed from the same distribution during generation."""
 from __future__ import annotations
 
 import time
@@ -19,10 +21,22 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
     return zlib.crc32(f"{seed}:{prompt_id}".encode())
 
 
+def distinct_prompts(rows: list[dict], limit: int | None) -> list[dict]:
+    """One row per prompt (preference pairs share prompts: ``prompt_id``), the first ``limit``."""
+    seen, out = set(), []
+    for row in rows:
+        pid = row.get("prompt_id", row["id"])
+        if pid not in seen:
+            seen.add(pid)
+            out.append({**row, "id": pid})
+    return out[:limit]
+
+
 def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=None) -> tuple[list[dict], dict]:
     fitted = [fit_prompt(backend.tokenizer, r["prompt"], config.max_prompt_tokens) for r in rows]
     params = GenerationParams(
-        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
+        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+        entropies=config.cot,
     )
     started = time.perf_counter()
     completions = backend.generate(
@@ -33,10 +47,10 @@ def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=
     for row, (content, ids, truncated), samples in zip(rows, fitted, completions):
         for index, c in enumerate(samples):
             out.append({
-                "prompt_id": row["id"], "prompt": content, "reference": row["reference"],
-                "prompt_truncated": truncated, "prompt_tokens": len(ids), "candidate": index,
+                "prompt_id": row["id"], "prompt": content, "reference": row.get("reference"),
+                "prompt_truncated": truncated, "prompt_ids": ids, "prompt_tokens": len(ids), "candidate": index,
                 "response": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                "finish_reason": c.finish_reason,
+                "finish_reason": c.finish_reason, **({"entropies": c.entropies} if config.cot else {}),
             })
     tokens = sum(len(r["token_ids"]) for r in out)
     metrics = {
@@ -48,7 +62,7 @@ def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=
 
 
 def compute_sample(ctx: RunContext, config: SampleConfig, key: str, policy: ArtifactRef, prompts: ArtifactRef):
-    rows = ctx.store().read_rows(prompts)
+    rows = distinct_prompts(ctx.store().read_rows(prompts), config.max_prompts)
     backend = HFBackend(ctx.model_dir(policy), dtype=config.dtype, batch_size=config.batch_size)
     progress = Progress("sample", len(rows) * config.n, unit="samples")
     out, metrics = sample_candidates(backend, rows, config, progress)

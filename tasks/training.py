@@ -212,13 +212,18 @@ def save_models(model, tokenizer, config: TrainConfig, out: Path) -> dict[str, P
     return dirs
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """Rounded to significant digits: SEGA losses are often around 1e-5."""
+    return float(f"{value:.{digits}g}")
+
+
 def training_metrics(before: dict, after: dict, state: TrainState, train_rows: list, val_rows: list) -> dict:
     """The headline numbers of a training stage's manifest."""
     return {
         "train_rows": len(train_rows), "val_rows": len(val_rows), "steps": state.step,
         "eval_split": "val" if val_rows else "train",
-        **{f"before_{k}": round(v, 4) for k, v in before.items()},
-        **{f"after_{k}": round(v, 4) for k, v in after.items()},
+        **{f"before_{k}": significant(v) for k, v in before.items()},
+        **{f"after_{k}": significant(v) for k, v in after.items()},
     }
 
 

@@ -43,3 +43,20 @@ def response_ids(tokenizer, content: str, response: str, end_of_turn: list[int])
     if not ends:
         raise ValueError("chat template did not close the assistant turn with an end-of-turn token")
     return tail[: ends[0] + 1]
+
+
+def fit_response(ids: list[int], max_tokens: int | None) -> list[int]:
+    """At most ``max_tokens`` response tokens: the first ones, then the end-of-turn token."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    return ids[: max_tokens - 1] + ids[-1:]
+
+
+def encode_pair(tokenizer, pair: dict, end_of_turn: list[int], max_prompt_tokens: int | None,
+                max_response_tokens: int | None) -> dict:
+    """Token ids of a preference pair's prompt, chosen and rejected turns, fitted to the limits."""
+    content, prompt, _ = fit_prompt(tokenizer, pair["prompt"], max_prompt_tokens) if max_prompt_tokens else (
+        pair["prompt"], prompt_ids(tokenizer, pair["prompt"]), False)
+    return {"prompt_ids": prompt,
+            **{f"{side}_ids": fit_response(response_ids(tokenizer, content, pair[side], end_of_turn), max_response_tokens)
+               for side in ("chosen", "rejected")}}

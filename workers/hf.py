@@ -13,7 +13,7 @@ import torch
 
 from workers.backend import Completion, GenerationParams
 from workers.models import load_causal_lm
-from workers.scoring import sequence_logprob_sums
+from workers.scoring import sequence_logprob_sums, token_entropy
 
 
 class HFBackend:
@@ -56,8 +56,9 @@ class HFBackend:
             cache = out.past_key_values
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             tokens = _choose_tokens(logp, params, generators)
+            entropies = token_entropy(logp).tolist() if params.entropies else None
             for row in torch.nonzero(~finished).flatten().tolist():
-                steps[row].add(logp[row], int(tokens[row]), params)
+                steps[row].add(logp[row], int(tokens[row]), params, entropies[row] if entropies else None)
             finished |= torch.isin(tokens, torch.tensor(self.stop_ids))
             if finished.all():
                 break
@@ -94,11 +95,11 @@ class _StepRecord:
         self.entropies: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
 
-    def add(self, logp: torch.Tensor, token: int, params: GenerationParams) -> None:
+    def add(self, logp: torch.Tensor, token: int, params: GenerationParams, entropy: float | None) -> None:
         self.tokens.append(token)
         self.logprobs.append(float(logp[token]))
-        if params.entropies:
-            self.entropies.append(float(-(logp.exp() * logp).sum()))
+        if entropy is not None:
+            self.entropies.append(entropy)
         if params.top_logprobs:
             values, ids = logp.topk(min(params.top_logprobs, logp.shape[-1]))
             self.top.append(list(zip(ids.tolist(), values.tolist())))

@@ -27,8 +27,9 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response}
 
 
-def response_logprob_sums(model, batch: dict[str, torch.Tensor], past=None) -> torch.Tensor:
-    """Sum over response tokens of log pi(token | prefix), one float32 value per row.
+def response_token_logprobs(model, batch: dict[str, torch.Tensor], past=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 log pi(token | prefix) from the batch's earliest response token on,
+    and the mask of response tokens in that window (rows x window).
     ``past``: a KV cache of a prefix shared by every row (already batch-sized)."""
     response_mask = batch["response_mask"]
     first = int(response_mask.float().argmax(dim=1).min())  # earliest response token in the batch
@@ -42,7 +43,18 @@ def response_logprob_sums(model, batch: dict[str, torch.Tensor], past=None) -> t
     logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, **kwargs).logits[:, :-1].float()
     labels = batch["input_ids"][:, first:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (logp * response_mask[:, first:]).sum(dim=1)
+    return logp, response_mask[:, first:]
+
+
+def response_logprob_sums(model, batch: dict[str, torch.Tensor], past=None) -> torch.Tensor:
+    """Sum over response tokens of log pi(token | prefix), one float32 value per row."""
+    logp, mask = response_token_logprobs(model, batch, past)
+    return (logp * mask).sum(dim=1)
+
+
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum_v p(v) log p(v) of each row of log-probabilities (nats)."""
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_budget: int,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks.entropy import Spans, eq1_score, split_spans, top_m_count
-from tasks.sega import group_advantages, kl_penalty, sega_loss
+from tasks.train_sega import group_advantages, kl_penalty, sega_loss
 
 
 def test_entropy_of_uniform_distribution_is_log_v():
