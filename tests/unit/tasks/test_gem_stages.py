@@ -1,0 +1,349 @@
+"""GEM stage logic on hand-made rows and the tiny model: entropy scoring, ranking and
+pairs, SEGA groups and objective, preference accuracy per dataset, pair encoding,
+and the preferences stage helpers."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignflow.config import EntropyConfig, SEGAConfig
+from tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate, top_vs_bottom_pairs
+from tasks.pref_accuracy import accuracy_by_dataset, scored_sides
+from tasks.preferences import PreferenceFileError, compute_preferences, fingerprint, preference_set, resolve_spec
+from tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
+from workers.chat import encode_pair, fit_response, prompt_ids
+from workers.models import load_causal_lm
+from workers.scoring import sequence_logprob_sums, token_entropy
+
+MARKER = "Final Answer:"
+CONFIG = EntropyConfig(lambda_fork=0.4, top_m=0.5, final_window=3)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_and_tokenizer):
+    return model_and_tokenizer[1]
+
+
+def _candidate(tokenizer, text: str, finish_reason: str, stop_entropy: float = 50.0, **extra) -> dict:
+    """A sampled candidate: its text's tokens, distinct entropies, and the stop token when it stopped."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    entropies = [0.1 * (i + 1) for i in range(len(ids))]
+    if finish_reason == "stop":
+        ids, entropies = ids + [tokenizer.eos_token_id], entropies + [stop_entropy]
+    return {"prompt_id": "p", "candidate": 0, "response": text, "token_ids": ids, "entropies": entropies,
+            "finish_reason": finish_reason, **extra}
+
+
+# -- entropy stage ---------------------------------------------------------------
+def test_token_entropy_of_exact_one_hot_log_probs_is_zero():
+    """log p = -inf for the zero-probability tokens (a model that masks logits with -inf)."""
+    one_hot = torch.zeros(400)
+    one_hot[7] = 1.0
+    if torch.isnan(token_entropy(torch.log(one_hot))):
+        pytest.xfail("known bug: workers.scoring.token_entropy computes 0 * -inf = nan for zero-probability "
+                     "tokens instead of using 0 log 0 = 0 (see the report)")
+    assert float(token_entropy(torch.log(one_hot))) == 0.0
+
+
+def test_content_tokens_drop_the_stop_token_only_when_stopped():
+    stopped = {"token_ids": [5, 6, 2], "entropies": [0.1, 0.2, 9.0], "finish_reason": "stop"}
+    cut = {"token_ids": [5, 6, 7], "entropies": [0.1, 0.2, 0.3], "finish_reason": "length"}
+    assert content_tokens(stopped) == ([5, 6], [0.1, 0.2])
+    assert content_tokens(cut) == ([5, 6, 7], [0.1, 0.2, 0.3])
+
+
+def test_score_finds_the_marker_and_scores_the_tokens_after_it(tokenizer):
+    text = "Let me think. Final Answer: Paris is the capital"
+    cand = _candidate(tokenizer, text, "stop")
+    ids, entropies = content_tokens(cand)
+    row = score_candidate(tokenizer, cand, CONFIG)
+    assert row["marker_found"] is True
+    n_final, n_reasoning = row["final_tokens"], row["reasoning_tokens"]
+    # the final span is exactly the text after the marker; the reasoning ends before the marker
+    assert tokenizer.decode(ids[len(ids) - n_final:]) == text[text.rfind(MARKER) + len(MARKER):]
+    assert tokenizer.decode(ids[:n_reasoning]).strip() == "Let me think."
+    assert row["final_entropy"] == pytest.approx(sum(entropies[-n_final:]) / n_final)
+    top = sorted(entropies[:n_reasoning], reverse=True)[: math.ceil(0.5 * n_reasoning)]
+    assert row["fork_entropy"] == pytest.approx(sum(top) / len(top))
+    assert row["score"] == pytest.approx(-row["final_entropy"] + 0.4 * row["fork_entropy"])
+
+
+def test_score_without_marker_uses_the_last_final_window_tokens(tokenizer):
+    cand = _candidate(tokenizer, "Think hard. The answer is 42", "stop")
+    _, entropies = content_tokens(cand)
+    row = score_candidate(tokenizer, cand, CONFIG)
+    assert row["marker_found"] is False
+    assert row["final_tokens"] == 3 and row["reasoning_tokens"] == len(entropies) - 3
+    assert row["final_entropy"] == pytest.approx(sum(entropies[-3:]) / 3)
+
+
+@pytest.mark.parametrize("text", ["Let me think. Final Answer: Paris is the capital", "Think hard. The answer is 42"])
+def test_stop_token_entropy_never_enters_the_score(tokenizer, text):
+    stopped = score_candidate(tokenizer, _candidate(tokenizer, text, "stop", stop_entropy=1e6), CONFIG)
+    cut = score_candidate(tokenizer, _candidate(tokenizer, text, "length"), CONFIG)
+    assert stopped == cut
+    # the check can fail: the same token counted as content would move the score by ~1e6 / 3
+    counted = _candidate(tokenizer, text, "stop", stop_entropy=1e6)
+    counted["finish_reason"] = "length"
+    assert score_candidate(tokenizer, counted, CONFIG)["score"] < cut["score"] - 1e3
+
+
+def test_lower_fence_is_tukeys_and_needs_four_scores():
+    # quartiles of 1..7 (exclusive method) are 2 and 6: fence = 2 - 1.5 * 4
+    assert lower_fence([1, 2, 3, 4, 5, 6, 7], 1.5) == pytest.approx(-4.0)
+    assert lower_fence([1.0, 2.0, -100.0], 1.5) == -math.inf
+
+
+def _scored(prompt_id, candidate, score):
+    return {"prompt_id": prompt_id, "candidate": candidate, "score": score}
+
+
+ROWS = [_scored("a", 0, 1.0), _scored("a", 1, 1.2), _scored("a", 2, -50.0), _scored("a", 3, 1.1),
+        _scored("b", 0, 0.9), _scored("b", 1, 1.15), _scored("b", 2, 1.05)]
+
+
+def test_rank_zero_is_the_highest_score_within_each_prompt():
+    ranked = {(r["prompt_id"], r["candidate"]): r["rank"] for r in rank_and_trim(ROWS, EntropyConfig())}
+    assert ranked == {("a", 1): 0, ("a", 3): 1, ("a", 0): 2, ("a", 2): 3, ("b", 1): 0, ("b", 2): 1, ("b", 0): 2}
+
+
+def test_low_outlier_is_dropped_only_with_trim_outliers():
+    kept_off = {(r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(ROWS, EntropyConfig())}
+    kept_on = {(r["prompt_id"], r["candidate"]): r["kept"]
+               for r in rank_and_trim(ROWS, EntropyConfig(trim_outliers=True))}
+    assert all(kept_off.values())
+    assert [k for k, kept in kept_on.items() if not kept] == [("a", 2)]
+
+
+def test_pairs_are_best_kept_versus_worst_kept_per_prompt():
+    def cand(prompt_id, candidate, response):
+        return {"prompt_id": prompt_id, "candidate": candidate, "prompt": f"q-{prompt_id}", "response": response}
+
+    def score(prompt_id, candidate, rank, value, kept=True):
+        return {"prompt_id": prompt_id, "candidate": candidate, "rank": rank, "score": value, "kept": kept}
+
+    candidates = [cand("a", 0, "mid"), cand("a", 1, "best"), cand("a", 2, "trimmed"), cand("a", 3, "worst kept"),
+                  cand("b", 0, "same"), cand("b", 1, "same"),  # identical texts
+                  cand("c", 0, "alone"), cand("c", 1, "trimmed")]  # a single kept candidate
+    scores = [score("a", 1, 0, 3.0), score("a", 0, 1, 2.0), score("a", 3, 2, 1.0), score("a", 2, 3, -9.0, kept=False),
+              score("b", 0, 0, 2.0), score("b", 1, 1, 1.0),
+              score("c", 0, 0, 2.0), score("c", 1, 1, -9.0, kept=False)]
+    assert top_vs_bottom_pairs(candidates, scores) == [
+        {"id": "a", "prompt_id": "a", "prompt": "q-a", "chosen": "best", "rejected": "worst kept", "margin": 2.0}]
+
+
+# -- SEGA ------------------------------------------------------------------------
+def _sega_rows():
+    def cand(prompt_id, candidate):
+        return {"prompt_id": prompt_id, "candidate": candidate, "prompt_ids": [1, len(prompt_id)],
+                "token_ids": [10 + candidate, 2]}
+
+    def score(prompt_id, candidate, value, kept=True):
+        return {"prompt_id": prompt_id, "candidate": candidate, "score": value, "kept": kept}
+
+    candidates = [cand(p, c) for p, n in (("p1", 4), ("p2", 2), ("p3", 2)) for c in range(n)]
+    scores = [score("p1", 0, 1.0), score("p1", 1, 3.0), score("p1", 2, -7.0, kept=False), score("p1", 3, 2.0),
+              score("p2", 0, 1.0), score("p2", 1, 5.0, kept=False),  # one kept
+              score("p3", 0, 0.5), score("p3", 1, 0.5)]  # equal scores
+    return candidates, scores
+
+
+def test_sega_groups_keep_only_kept_candidates_of_informative_prompts():
+    candidates, scores = _sega_rows()
+    groups = sega_groups(candidates, scores, SEGAConfig(mapping="identity"))
+    assert [g["prompt_id"] for g in groups] == ["p1"]
+    assert groups[0]["prompt_ids"] == [1, 2]
+    assert groups[0]["responses"] == [[10, 2], [11, 2], [13, 2]]  # candidates 0, 1, 3
+    assert groups[0]["advantages"] == pytest.approx([-1.0, 1.0, 0.0])  # scores 1, 3, 2 minus their mean
+
+
+def test_sega_groups_softmax_mapping_advantages_sum_to_zero():
+    candidates, scores = _sega_rows()
+    (group,) = sega_groups(candidates, scores, SEGAConfig(mapping="softmax"))
+    e = [math.exp(s) for s in (1.0, 3.0, 2.0)]
+    softmax = [v / sum(e) for v in e]
+    assert group["advantages"] == pytest.approx([p - 1 / 3 for p in softmax])
+    assert sum(group["advantages"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _sega_batch(tokenizer):
+    """Two groups with prompts and responses of different lengths (responses end with end-of-turn)."""
+    eot = tokenizer.eos_token_id
+    return [
+        {"prompt_id": "g1", "prompt_ids": prompt_ids(tokenizer, "Name a colour."),
+         "responses": [[40, 50, eot], [60, eot], [70, 80, 90, 100, eot]], "advantages": [0.5, -0.2, -0.3]},
+        {"prompt_id": "g2", "prompt_ids": prompt_ids(tokenizer, "A much longer question about something else?"),
+         "responses": [[33, 44, 55, 66, eot], [77, eot]], "advantages": [-0.4, 0.4]},
+    ]
+
+
+def _expected_sega_loss(model, tokenizer, groups, length_normalize=False):
+    """Mean over groups of -(1/k) sum_i A_i log pi(a_i), from independently computed sums."""
+    losses = []
+    for g in groups:
+        sums = sequence_logprob_sums(model, tokenizer.pad_token_id, [g["prompt_ids"]] * len(g["responses"]),
+                                     g["responses"], token_budget=4096)
+        logps = [s / len(r) if length_normalize else s for s, r in zip(sums, g["responses"])]
+        losses.append(-sum(a * lp for a, lp in zip(g["advantages"], logps)) / len(logps))
+    return sum(losses) / len(losses)
+
+
+def test_sega_kl_to_the_same_model_is_zero(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with torch.no_grad():
+        groups = add_reference_token_logprobs(model, tokenizer.pad_token_id, _sega_batch(tokenizer))
+        assert [len(lp) for g in groups for lp in g["reference_logps"]] == [3, 2, 5, 5, 2]
+        loss, metrics = sega_objective(SEGAConfig(kl_coef=0.5), tokenizer.pad_token_id).batch_loss(model, groups)
+    assert abs(metrics["kl"]) < 1e-5
+    assert metrics["loss"] == pytest.approx(metrics["policy_loss"], abs=1e-5)
+    assert float(loss) == pytest.approx(_expected_sega_loss(model, tokenizer, groups), rel=1e-5)
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_sega_loss_matches_listwise_formula_per_group(model_and_tokenizer, length_normalize):
+    model, tokenizer = model_and_tokenizer
+    groups = _sega_batch(tokenizer)
+    with torch.no_grad():
+        loss, metrics = sega_objective(SEGAConfig(length_normalize=length_normalize),
+                                       tokenizer.pad_token_id).batch_loss(model, groups)
+    expected = _expected_sega_loss(model, tokenizer, groups, length_normalize)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert metrics["kl"] == 0.0
+    if length_normalize:  # the two losses really differ, so the flag is what decides
+        assert expected != pytest.approx(_expected_sega_loss(model, tokenizer, groups, False), rel=1e-3)
+
+
+def test_sega_loss_gradient_reaches_the_model(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    model.zero_grad(set_to_none=True)
+    loss, _ = sega_objective(SEGAConfig(), tokenizer.pad_token_id).batch_loss(model, _sega_batch(tokenizer))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    assert grads and any(float(g.abs().max()) > 0 for g in grads)
+
+
+# -- preference accuracy ---------------------------------------------------------
+def test_accuracy_by_dataset_reports_ties_apart_from_correct():
+    def row(dataset, chosen, rejected):
+        return {"dataset": dataset, "chosen_reward": chosen, "rejected_reward": rejected}
+
+    rows = [row("a", 1.0, 0.0), row("a", 0.5, 0.5),  # correct, tie
+            row("b", 0.0, 1.0), row("b", 2.0, 1.0), row("b", 3.0, 2.0)]  # wrong, correct, correct
+    metrics = accuracy_by_dataset(rows)
+    assert metrics["pairs"] == 5 and metrics["accuracy"] == 0.6 and metrics["ties"] == 0.2
+    assert (metrics["pairs/a"], metrics["accuracy/a"], metrics["ties/a"], metrics["mean_margin/a"]) == (2, 0.5, 0.5, 0.5)
+    assert (metrics["pairs/b"], metrics["accuracy/b"], metrics["ties/b"]) == (3, 0.6667, 0.0)
+    assert metrics["mean_margin/b"] == 0.3333
+
+
+def test_scored_sides_follow_the_order_of_the_pairs():
+    rows = [{"id": "x", "chosen_logp": -1.0, "rejected_logp": -2.0},
+            {"id": "y", "chosen_logp": -3.0, "rejected_logp": -4.0}]
+    assert scored_sides(rows, [{"id": "y"}, {"id": "x"}]) == ([-3.0, -1.0], [-4.0, -2.0])
+    with pytest.raises(ValueError, match="e.g. ds/z"):
+        scored_sides(rows, [{"id": "x"}, {"id": "ds/z"}])
+
+
+# -- pair encoding ---------------------------------------------------------------
+def test_fit_response_keeps_the_first_tokens_and_the_last():
+    ids = list(range(10, 20))
+    assert fit_response(ids, 4) == [10, 11, 12, 19]
+    assert fit_response(ids, None) == ids
+    assert fit_response(ids, 10) == ids
+    assert fit_response(ids, 50) == ids
+
+
+def test_encode_pair_without_limits(tokenizer):
+    eot = tokenizer.eos_token_id
+    pair = {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "Seven"}
+    out = encode_pair(tokenizer, pair, [eot], None, None)
+    assert out["prompt_ids"] == prompt_ids(tokenizer, "Name a colour.")
+    for side in ("chosen", "rejected"):
+        assert out[f"{side}_ids"][-1] == eot
+        assert tokenizer.decode(out[f"{side}_ids"][:-1]) == pair[side]
+
+
+def test_encode_pair_respects_the_limits(tokenizer):
+    eot = tokenizer.eos_token_id
+    long = " ".join(["the quick answer is something long"] * 10)
+    out = encode_pair(tokenizer, {"prompt": long, "chosen": long, "rejected": "No"}, [eot], 24, 6)
+    assert len(prompt_ids(tokenizer, long)) > 24 and len(out["prompt_ids"]) <= 24
+    assert out["prompt_ids"][-3:] == prompt_ids(tokenizer, "x")[-3:]  # the assistant header survives
+    assert len(out["chosen_ids"]) == 6 and out["chosen_ids"][-1] == eot
+    assert out["rejected_ids"][-1] == eot and len(out["rejected_ids"]) < 6
+
+
+# -- preferences stage helpers ---------------------------------------------------
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_resolve_spec_fills_in_the_genies_dir_only_for_the_short_form(tmp_path):
+    assert resolve_spec("genies:alpaca_mmlu:test", tmp_path) == f"genies:{tmp_path}:alpaca_mmlu:test"
+    assert resolve_spec("genies:/data:alpaca_mmlu:test", tmp_path) == "genies:/data:alpaca_mmlu:test"
+    assert resolve_spec("prefs/train.jsonl", tmp_path) == "prefs/train.jsonl"
+
+
+def test_fingerprint_follows_the_file_content(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    before = fingerprint(str(path))
+    _write_jsonl(path, [{"prompt": "q", "chosen": "a", "rejected": "c"}])
+    after = fingerprint(str(path))
+    assert after != before
+    _write_jsonl(path, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert fingerprint(str(path)) == before
+
+
+def test_preference_set_needs_a_source(tmp_path):
+    with pytest.raises(PreferenceFileError, match="no preference sources"):
+        preference_set({}, tmp_path)
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    first = _write_jsonl(tmp_path / "first.jsonl", [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "2+2?", "chosen": "four", "rejected": "22"},
+        {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+    ])
+    second = _write_jsonl(tmp_path / "second.jsonl", [
+        {"id": f"s{i}", "prompt": "2+2?" if i == 0 else f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+        for i in range(6)
+    ])
+    return {"first": str(first), "second": str(second)}
+
+
+def test_compute_preferences_labels_rows_by_dataset_and_prompt(two_sources, tmp_path):
+    out = compute_preferences(None, preference_set(two_sources, tmp_path), "key")
+    rows = out.tables[0].to_pylist()
+    assert [r["id"] for r in rows] == ["first/first.jsonl:1", "first/first.jsonl:2", "first/first.jsonl:3",
+                                       "second/s0", "second/s1", "second/s2", "second/s3", "second/s4", "second/s5"]
+    assert [r["dataset"] for r in rows] == ["first"] * 3 + ["second"] * 6
+    by_prompt = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"], set()).add(r["prompt_id"])
+    assert all(len(ids) == 1 for ids in by_prompt.values())  # equal prompts share an id, across datasets too
+    assert len({next(iter(ids)) for ids in by_prompt.values()}) == len(by_prompt)  # different prompts do not
+    assert out.metrics == {"rows_out": 9, "distinct_prompts": 7, "pairs_first": 3, "pairs_second": 6}
+
+
+def test_compute_preferences_seeded_limit_is_deterministic(two_sources, tmp_path):
+    def ids(seed):
+        out = compute_preferences(None, preference_set(two_sources, tmp_path, limit=2, seed=seed), "key")
+        return [r["id"] for r in out.tables[0].to_pylist()], out.metrics
+
+    first_ids, metrics = ids(seed=3)
+    assert (metrics["pairs_first"], metrics["pairs_second"], metrics["rows_out"]) == (2, 2, 4)
+    assert ids(seed=3) == (first_ids, metrics)
+    second = [i for i in first_ids if i.startswith("second/")]
+    assert second == sorted(second)  # file order is kept
