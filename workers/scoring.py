@@ -53,8 +53,9 @@ def response_logprob_sums(model, batch: dict[str, torch.Tensor], past=None) -> t
 
 
 def token_entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy -sum_v p(v) log p(v) of each row of log-probabilities (nats)."""
-    return -(logp.exp() * logp).sum(dim=-1)
+    """Entropy -sum_v p(v) log p(v) of each row of log-probabilities (nats).
+    A -inf entry (a token masked to probability 0) adds 0 rather than 0 * -inf = nan."""
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
 def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_budget: int,

@@ -8,12 +8,18 @@ import torch
 
 from tasks.entropy import Spans, eq1_score, split_spans, top_m_count
 from tasks.train_sega import group_advantages, kl_penalty, sega_loss
+from workers.scoring import token_entropy
 
 
-def test_entropy_of_uniform_distribution_is_log_v():
+def test_token_entropy_is_log_v_for_uniform_and_zero_for_one_hot():
     vocab = 400
-    logp = torch.log_softmax(torch.zeros(vocab), dim=-1)
-    assert float(-(logp.exp() * logp).sum()) == pytest.approx(math.log(vocab), rel=1e-6)
+    uniform = torch.log_softmax(torch.zeros(vocab), dim=-1)
+    assert float(token_entropy(uniform)) == pytest.approx(math.log(vocab), rel=1e-6)
+    logits = torch.zeros(vocab)
+    logits[7] = 1e4  # every other token's probability underflows to exactly 0
+    assert float(token_entropy(torch.log_softmax(logits, dim=-1))) == 0.0
+    rows = torch.stack([uniform, torch.log_softmax(logits, dim=-1)])  # one entropy per row
+    assert token_entropy(rows).tolist() == pytest.approx([math.log(vocab), 0.0], rel=1e-6)
 
 
 # text "Think. Final Answer: 42" as 6 tokens with these start offsets

@@ -47,9 +47,6 @@ def test_token_entropy_of_exact_one_hot_log_probs_is_zero():
     """log p = -inf for the zero-probability tokens (a model that masks logits with -inf)."""
     one_hot = torch.zeros(400)
     one_hot[7] = 1.0
-    if torch.isnan(token_entropy(torch.log(one_hot))):
-        pytest.xfail("known bug: workers.scoring.token_entropy computes 0 * -inf = nan for zero-probability "
-                     "tokens instead of using 0 log 0 = 0 (see the report)")
     assert float(token_entropy(torch.log(one_hot))) == 0.0
 
 
@@ -240,9 +237,9 @@ def test_accuracy_by_dataset_reports_ties_apart_from_correct():
             row("b", 0.0, 1.0), row("b", 2.0, 1.0), row("b", 3.0, 2.0)]  # wrong, correct, correct
     metrics = accuracy_by_dataset(rows)
     assert metrics["pairs"] == 5 and metrics["accuracy"] == 0.6 and metrics["ties"] == 0.2
-    assert (metrics["pairs/a"], metrics["accuracy/a"], metrics["ties/a"], metrics["mean_margin/a"]) == (2, 0.5, 0.5, 0.5)
-    assert (metrics["pairs/b"], metrics["accuracy/b"], metrics["ties/b"]) == (3, 0.6667, 0.0)
-    assert metrics["mean_margin/b"] == 0.3333
+    per_dataset = {k: v for k, v in metrics.items() if "/" in k}
+    assert per_dataset == {"pairs/a": 2, "accuracy/a": 0.5, "ties/a": 0.5, "mean_margin/a": 0.5,
+                           "pairs/b": 3, "accuracy/b": 0.6667, "ties/b": 0.0, "mean_margin/b": 0.3333}
 
 
 def test_scored_sides_follow_the_order_of_the_pairs():
@@ -277,7 +274,9 @@ def test_encode_pair_respects_the_limits(tokenizer):
     long = " ".join(["the quick answer is something long"] * 10)
     out = encode_pair(tokenizer, {"prompt": long, "chosen": long, "rejected": "No"}, [eot], 24, 6)
     assert len(prompt_ids(tokenizer, long)) > 24 and len(out["prompt_ids"]) <= 24
-    assert out["prompt_ids"][-3:] == prompt_ids(tokenizer, "x")[-3:]  # the assistant header survives
+    short = prompt_ids(tokenizer, "x")
+    header = short[short.index(eot):]  # end of the user turn and the assistant header
+    assert out["prompt_ids"][-len(header):] == header
     assert len(out["chosen_ids"]) == 6 and out["chosen_ids"][-1] == eot
     assert out["rejected_ids"][-1] == eot and len(out["rejected_ids"]) < 6
 
