@@ -255,6 +255,8 @@ class GemConfig(Strict):
     max_eval_pairs: int | None = Field(None, ge=1, description="cap per evaluation set (seeded subset)")
     seed: int = 0
     compare_dpo: bool = Field(True, description="also train DPO from the base model on the same pairs")
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
     paths: Paths = Paths()
     storage: Storage = Storage()
     sft: SFTConfig = SFTConfig()

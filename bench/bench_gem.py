@@ -49,9 +49,11 @@ def recompute_entropies(backend: HFBackend, prompts, completions) -> list[list[f
     for start in range(0, len(flat), backend.batch_size):
         chunk = flat[start : start + backend.batch_size]
         batch = pack([p for p, _ in chunk], [r for _, r in chunk], backend.tokenizer.pad_token_id)
-        logits = backend.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        entropies = token_entropy(torch.log_softmax(logits[:, :-1], dim=-1))
-        mask = batch["response_mask"][:, 1:]
+        first = int(batch["response_mask"].float().argmax(dim=1).min())  # logits only from the earliest response token
+        logits = backend.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=batch["input_ids"].shape[1] - first + 1).logits[:, :-1].float()
+        entropies = token_entropy(torch.log_softmax(logits, dim=-1))
+        mask = batch["response_mask"][:, first:]
         out += [row[m].tolist() for row, m in zip(entropies, mask)]
     return out
 
