@@ -88,6 +88,23 @@ def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
     return data
 
 
+def gem_config_data(model_dir: Path, data_dir: Path, home: Path) -> dict:
+    """A gem config sized for the tiny model and a few real GENIES pairs."""
+    lora = {"r": 4, "alpha": 8}
+    return {
+        "model": str(model_dir), "genies_data_dir": str(data_dir), "paths": {"home": str(home)},
+        "train": {"mmlu": "genies:alpaca_mmlu:train"},
+        "eval": {"mmlu": "genies:alpaca_mmlu:test", "arc_easy": "genies:arc_easy:test"},
+        "max_train_pairs": 8, "max_eval_pairs": 4,
+        "sft": {"contrast": True, "lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
+        "sample": {"cot": True, "n": 3, "max_new_tokens": 10, "max_prompts": 6},
+        "entropy": {"emit_pairs": True},
+        "sega": {"lr": 1e-3, "zscore": True, "kl_coef": 0.05, "checkpoint_every": 1, "lora": lora},
+        "dpo": {"lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
+        "pref_accuracy": {"max_response_tokens": 48},
+    }
+
+
 # -- GENIES data (appended for tests/unit/genies and tests/integration/test_genies_*) --------
 # The public release lives beside the repository in <repo>/../shared/genies-data; the
 # tests extract only the distributions they use, into a session temp folder.

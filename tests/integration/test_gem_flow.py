@@ -7,28 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import gem_config_data
 
 from alignflow.config import ConfigError, GemConfig, load_config
 from storage.artifacts import ArtifactStore
 
 STAGES = ["preferences", "train_sft", "sample", "entropy", "entropy_pairs", "train_sega", "logprobs", "train_dpo",
           "pref_accuracy"]
-SMALL_LORA = {"r": 4, "alpha": 8}
-
-
-def gem_config_data(model_dir: Path, data_dir: Path, home: Path) -> dict:
-    return {
-        "model": str(model_dir), "genies_data_dir": str(data_dir), "paths": {"home": str(home)},
-        "train": {"mmlu": "genies:alpaca_mmlu:train"},
-        "eval": {"mmlu": "genies:alpaca_mmlu:test", "arc_easy": "genies:arc_easy:test"},
-        "max_train_pairs": 8, "max_eval_pairs": 4,
-        "sft": {"contrast": True, "lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": SMALL_LORA},
-        "sample": {"cot": True, "n": 3, "max_new_tokens": 10, "max_prompts": 6},
-        "entropy": {"emit_pairs": True},
-        "sega": {"lr": 1e-3, "zscore": True, "kl_coef": 0.05, "checkpoint_every": 1, "lora": SMALL_LORA},
-        "dpo": {"lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": SMALL_LORA},
-        "pref_accuracy": {"max_response_tokens": 48},
-    }
 
 
 def run_gem(config: GemConfig):

@@ -12,7 +12,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from alignflow.config import GeniesConfig, Strict  # noqa: E402
+from alignflow.config import GemConfig, GeniesConfig, Strict  # noqa: E402
+from conftest import gem_config_data  # noqa: E402
 from storage.artifacts import ArtifactStore  # noqa: E402
 from tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
 from workers.ray_pool import ActorPool  # noqa: E402
@@ -55,6 +56,19 @@ def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, ge
     local = genies_eval(config=config.model_copy(update={"executor": "local"}))
     assert local["report"] == on_ray["report"]  # same keys: the executor never changes the numbers
     assert _workers(root, "genies_evaluate") == workers  # nothing was recomputed locally
+
+
+def test_gem_flow_runs_its_stages_on_ray_actors(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
+    from flows.gem import gem
+
+    config = GemConfig.model_validate(gem_config_data(tiny_model_dir, genies_data_dir, tmp_path) | {
+        "executor": "ray", "ray": RAY})
+    summary = gem(config=config)
+    root = tmp_path / "artifacts"
+    for stage in ("train_sft", "sample", "train_sega", "pref_accuracy"):
+        workers = _workers(root, stage)
+        assert workers and all(not w.endswith(f":{os.getpid()}") for w in workers), (stage, workers)
+    assert {(r["model"], r["reward"]) for r in summary["accuracy"]} >= {("base", "log pi"), ("gem", "log pi")}
 
 
 def _die_once(ctx, config, key, marker: str) -> StageOutput:
