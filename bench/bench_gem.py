@@ -116,8 +116,10 @@ def bench_sega(model_dir, groups, args) -> dict:
         return out
     batched()  # warm-up
     grads()
+    def per_candidate():
+        per_candidate_step(model, groups, tokenizer.pad_token_id)
     results = {}
-    for name, step in (("batched", batched), ("per_candidate", lambda: per_candidate_step(model, groups, tokenizer.pad_token_id))):
+    for name, step in (("batched", batched), ("per_candidate", per_candidate)):
         seconds = []
         for _ in range(args.repeats):
             seconds.append(timed(step)[1])

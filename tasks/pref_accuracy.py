@@ -94,5 +94,5 @@ def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str,
 
 
 PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy,
-                      ("tasks.pref_accuracy", "workers.chat", "workers.scoring", "workers.models"))
+                      ("tasks.pref_accuracy", "workers.chat", "workers.hf", "workers.scoring", "workers.models"))
 pref_accuracy_task = stage_task(PREF_ACCURACY)

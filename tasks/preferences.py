@@ -155,5 +155,6 @@ def compute_preferences(ctx, config: PreferenceSet, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics=metrics)
 
 
-PREFERENCES = Stage("preferences", compute_preferences, ("tasks.preferences", "tasks.prompts", "genies.data"))
+PREFERENCES = Stage("preferences", compute_preferences,
+                    ("tasks.preferences", "tasks.prompts", "genies.data", "genies.interventions.base"))
 preferences_task = stage_task(PREFERENCES)

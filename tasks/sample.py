@@ -70,5 +70,5 @@ def compute_sample(ctx: RunContext, config: SampleConfig, key: str, policy: Arti
     return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
 
 
-SAMPLE = Stage("sample", compute_sample, ("tasks.sample", "workers.hf", "workers.chat"))
+SAMPLE = Stage("sample", compute_sample, ("tasks.sample", "workers.hf", "workers.chat", "workers.scoring"))
 sample_task = stage_task(SAMPLE)

@@ -123,5 +123,6 @@ def compute_train_sega(ctx: RunContext, config: SEGAConfig, key: str, policy: Ar
     return out
 
 
-TRAIN_SEGA = Stage("train_sega", compute_train_sega, ("tasks.train_sega", "tasks.training", "workers.scoring", "workers.models"))
+TRAIN_SEGA = Stage("train_sega", compute_train_sega,
+                   ("tasks.train_sega", "tasks.training", "workers.scoring", "workers.models"))
 train_sega_task = stage_task(TRAIN_SEGA)

@@ -72,5 +72,5 @@ def compute_train_sft(ctx: RunContext, config: SFTConfig, key: str, policy: Arti
 
 
 TRAIN_SFT = Stage("train_sft", compute_train_sft,
-                  ("tasks.train_sft", "tasks.training", "workers.chat", "workers.scoring", "workers.models"))
+                  ("tasks.train_sft", "tasks.training", "workers.chat", "workers.hf", "workers.scoring", "workers.models"))
 train_sft_task = stage_task(TRAIN_SFT)
