@@ -1,0 +1,195 @@
+"""DPO training and reference log-probs: alignflow versus TRL's DPOTrainer, on the
+same model, pairs, LoRA, batch size, epochs and precision (float32, CPU).
+
+Each side runs in its own process, back to back in one command, so that peak
+memory (ru_maxrss) is each side's own:
+- alignflow: the logprobs stage's function (reference log-probs), then
+  the train_dpo loop (tasks/training.py) on those log-probs.
+- TRL: DPOTrainer(precompute_ref_log_probs=True), which computes its reference
+  log-probs when the trainer is built, then trainer.train() on them.
+The train timings cover training only (reference log-probs precomputed on both
+sides); tokens are prompt + response tokens of both sides of every pair, per epoch.
+TRL runs with gradient checkpointing off (its default is on) because alignflow
+does not checkpoint: the same work on both sides.
+
+    pip install -e '.[bench]'
+    python bench/bench_dpo_trl.py --data-dir $ALIGNFLOW_HOME/genies --pairs 64 --batch-size 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from alignflow.config import DPOConfig, LogprobsConfig, alignflow_home
+
+LORA = {"r": 16, "alpha": 32}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def load_pairs(args) -> list[dict]:
+    from genies.data import capped
+    from tasks.preferences import read_preferences
+
+    pairs = read_preferences(f"genies:{args.data_dir}:{args.distribution}:train")
+    return capped(pairs, args.pairs, 0, id_field="id")
+
+
+def dpo_config(args) -> DPOConfig:
+    return DPOConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, val_fraction=0.0,
+                     checkpoint_every=10**6, eval_every=10**6, lora=LORA)
+
+
+def run_ours(args, model_dir: Path) -> dict:
+    from storage.artifacts import ArtifactStore
+    from tasks.logprobs import reference_logprobs
+    from tasks.train_dpo import dpo_objective
+    from tasks.training import Checkpoints, prepare_model, train
+    from workers.hf import HFBackend
+
+    pairs = [{**p, "prompt_id": p["id"]} for p in load_pairs(args)]
+    backend = HFBackend(model_dir, dtype="float32", token_budget=args.token_budget)
+    started = time.perf_counter()
+    rows, ref_metrics = reference_logprobs(backend, pairs, LogprobsConfig(token_budget=args.token_budget))
+    precompute_s = time.perf_counter() - started
+    del backend
+    config = dpo_config(args)
+    model, tokenizer = prepare_model(model_dir, config)
+    rss_before = current_rss_mb()
+    scratch = tempfile.mkdtemp(prefix="bench-dpo-")
+    started = time.perf_counter()
+    state = train(model, rows, [], config, dpo_objective(config, tokenizer.pad_token_id),
+                  Checkpoints(ArtifactStore(scratch), "train_dpo", "bench"))
+    train_s = time.perf_counter() - started
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    return {"side": "alignflow", "pairs": len(rows), "precompute_s": precompute_s, "precompute_tokens": ref_metrics["tokens"],
+            "train_s": train_s, "train_tokens": tokens * args.epochs, "steps": state.step,
+            "first_loss": state.log[0]["loss"], "last_loss": state.log[-1]["loss"],
+            "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+
+
+class _StepLosses:
+    """Collects TRL's per-step training loss (logging_steps=1)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def __init__(self):
+                self.losses = []
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    self.losses.append(logs["loss"])
+        return Callback()
+
+
+def run_trl(args, model_dir: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig, DPOTrainer
+
+    from tasks.training import total_steps
+
+    pairs = load_pairs(args)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    ours = dpo_config(args)
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    config = TRLConfig(
+        output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(ours.warmup_ratio * total_steps(len(pairs), ours))),
+        weight_decay=0.0, max_grad_norm=ours.max_grad_norm, beta=ours.beta, loss_type=["sigmoid"],
+        precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size, max_length=None,
+        gradient_checkpointing=False, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
+        logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=list(ours.lora.target_modules))
+    started = time.perf_counter()
+    losses = _StepLosses()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[losses])
+    build_s = time.perf_counter() - started  # tokenisation + reference log-probs
+    tokenized = trainer.train_dataset
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized)
+    rss_before = current_rss_mb()
+    started = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - started
+    return {"side": "trl", "pairs": len(tokenized), "precompute_s": build_s, "precompute_tokens": tokens,
+            "train_s": train_s, "train_tokens": tokens * args.epochs, "steps": result.global_step,
+            "first_loss": losses.losses[0] if losses.losses else None,
+            "last_loss": losses.losses[-1] if losses.losses else None,
+            "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_side(args) -> None:
+    from workers.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model, alignflow_home() / "models")
+    result = (run_ours if args.side == "alignflow" else run_trl)(args, model_dir)
+    print("RESULT " + json.dumps(result))
+
+
+def compare(args, argv: list[str]) -> None:
+    sides = {}
+    for side in ("alignflow", "trl"):
+        done = subprocess.run([sys.executable, __file__, "--side", side, *argv], capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+        sides[side] = json.loads(lines[-1].removeprefix("RESULT "))
+    ours, trl = sides["alignflow"], sides["trl"]
+
+    def rate(r, kind):
+        return r[f"{kind}_tokens"] / r[f"{kind}_s"]
+    print(json.dumps({
+        **sides,
+        "train_tok_s": {"alignflow": round(rate(ours, "train"), 1), "trl": round(rate(trl, "train"), 1)},
+        "train_throughput_ratio_ours_over_trl": round(rate(ours, "train") / rate(trl, "train"), 3),
+        "precompute_tok_s": {"alignflow": round(rate(ours, "precompute"), 1), "trl": round(rate(trl, "precompute"), 1)},
+        "precompute_throughput_ratio_ours_over_trl": round(rate(ours, "precompute") / rate(trl, "precompute"), 3),
+        "train_memory_ratio_ours_over_trl": round(
+            (ours["peak_rss_mb"] - ours["rss_before_train_mb"]) / max(1.0, trl["peak_rss_mb"] - trl["rss_before_train_mb"]), 3),
+    }, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data-dir", default=str(alignflow_home() / "genies"))
+    p.add_argument("--distribution", default="alpaca_low_quality")
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--side", choices=["alignflow", "trl"], help="run one side only (the driver runs both)")
+    args, argv = p.parse_known_args()
+    if args.side:
+        run_side(args)
+    else:
+        compare(args, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
