@@ -112,18 +112,33 @@ def _row_generator(seed: int, sample_index: int) -> torch.Generator:
 def _choose_tokens(logp: torch.Tensor, params: GenerationParams, generators) -> torch.Tensor:
     if params.temperature == 0:
         return logp.argmax(dim=-1)
-    probs = torch.softmax(logp / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        probs = _top_p_filter(probs, params.top_p)
-    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(generators)])
+    probs, ids = nucleus(torch.softmax(logp / params.temperature, dim=-1), params.top_p)
+    uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])  # one draw per row and step
+    return sample_from(probs, ids, uniforms)
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose mass reaches top_p, as (probs, token ids)
+    sorted by probability with zeros past each row's nucleus. A partial top-k finds it
+    without sorting the vocabulary; k grows only when a row's nucleus is longer."""
+    if top_p >= 1.0:
+        return probs, torch.arange(probs.shape[-1]).expand_as(probs)
+    k = min(first_k, probs.shape[-1])
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        if k == probs.shape[-1] or bool((top.sum(dim=-1) >= top_p).all()):
+            break
+        k = min(8 * k, probs.shape[-1])
+    mass_before = top.cumsum(dim=-1) - top
+    return top.masked_fill(mass_before >= top_p, 0.0), ids
+
+
+def sample_from(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first token whose cumulative mass exceeds
+    uniforms[i] x the row's mass (the same token for any k that holds the nucleus)."""
+    cdf = probs.cumsum(dim=-1)
+    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
+    return ids.gather(-1, picks).squeeze(-1)
 
 
 def end_of_turn_ids(tokenizer, model) -> list[int]:

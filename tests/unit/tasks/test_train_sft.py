@@ -175,7 +175,7 @@ def _top_p_entropy(logp: torch.Tensor, top_p: float) -> float:
 
 def test_generation_records_one_raw_entropy_per_generated_token(early_stopping_model_dir):
     backend = HFBackend(early_stopping_model_dir, batch_size=8)
-    params = GenerationParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=6, entropies=True)
+    params = GenerationParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=4, entropies=True)
     prompts = [prompt_ids(backend.tokenizer, "some text"),
                prompt_ids(backend.tokenizer, "some much longer text, so that the batch is left-padded")]
     completions = [c for row in backend.generate(prompts, params, seeds=[0, 1]) for c in row]
