@@ -12,33 +12,18 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from importlib import resources
 
 import torch
+from benchlib import demo_prompt_ids, sampling_parser, timed
 
 from alignflow.config import SEGAConfig, alignflow_home
-from tasks.prompts import read_prompt_rows
 from tasks.train_sega import group_advantages, sega_loss, sega_objective
 from tasks.training import prepare_model
 from workers.backend import GenerationParams
-from workers.chat import prompt_ids
 from workers.hf import HFBackend
 from workers.models import resolve_model_dir
 from workers.scoring import pack, response_logprob_sums, token_entropy
-
-
-def timed(fn):
-    started = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - started
-
-
-def demo_prompts(tokenizer, count: int) -> list[list[int]]:
-    rows = read_prompt_rows(resources.files("alignflow") / "data" / "demo_prompts.jsonl")
-    return [prompt_ids(tokenizer, r["prompt"]) for r in rows[:count]]
 
 
 @torch.inference_mode()
@@ -134,18 +119,14 @@ def bench_sega(model_dir, groups, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p = sampling_parser(__doc__.splitlines()[0])
     p.add_argument("--groups", type=int, default=8, help="groups in the SEGA micro-batch")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     torch.manual_seed(0)
     model_dir = resolve_model_dir(args.model, alignflow_home() / "models")
     backend = HFBackend(model_dir, dtype="float32", batch_size=args.prompts * args.n)
-    prompts = demo_prompts(backend.tokenizer, args.prompts)
+    prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
     entropy, completions = bench_entropy(backend, prompts, args)
     sega = bench_sega(model_dir, sega_groups_from(prompts, completions, args.n)[: args.groups], args)
     print(json.dumps({"threads": torch.get_num_threads(), "entropy": entropy, "sega": sega}, indent=1))

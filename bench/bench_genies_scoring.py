@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from benchlib import timed
 
 from alignflow.config import GeniesScoringConfig, alignflow_home
 from genies.data import capped, distribution_dir, expand_pairs, read_split
@@ -47,12 +47,6 @@ def per_pair_loop(model, tokenizer, pairs: list[dict], max_tokens: int) -> tuple
             targets = ids[0, len(prompt):]
             sums[(a, b, i)] = float(logp[len(prompt) - 1:].gather(-1, targets.unsqueeze(-1)).sum())
     return [sums[(a, b, a)] for a, b in seqs.pair_index], [sums[(a, b, b)] for a, b in seqs.pair_index]
-
-
-def timed(fn):
-    started = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - started
 
 
 def main() -> None:

@@ -10,25 +10,15 @@ Tokens/s counts generated tokens up to and including each row's end-of-turn toke
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from importlib import resources
 
 import torch
+from benchlib import demo_prompt_ids, sampling_parser, timed
 
 from alignflow.config import alignflow_home
-from tasks.prompts import read_prompt_rows
 from workers.backend import GenerationParams
-from workers.chat import prompt_ids
 from workers.hf import HFBackend
 from workers.models import resolve_model_dir
-
-
-def timed(fn):
-    started = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - started
 
 
 def plain_generate(backend: HFBackend, prompts: list[list[int]], params: GenerationParams) -> int:
@@ -53,19 +43,14 @@ def _length_to_stop(tokens: list[int], stops: list[int]) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p = sampling_parser(__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     backend = HFBackend(resolve_model_dir(args.model, alignflow_home() / "models"), dtype=args.dtype,
                         batch_size=args.batch_size)
-    rows = read_prompt_rows(resources.files("alignflow") / "data" / "demo_prompts.jsonl")[: args.prompts]
-    prompts = [prompt_ids(backend.tokenizer, r["prompt"]) for r in rows]
+    prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
     params = GenerationParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
     seeds = list(range(len(prompts)))
     torch.manual_seed(0)

@@ -15,21 +15,10 @@ from tasks.pref_accuracy import accuracy_by_dataset, scored_sides
 from tasks.preferences import PreferenceFileError, compute_preferences, fingerprint, preference_set, resolve_spec
 from tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
 from workers.chat import encode_pair, fit_response, prompt_ids
-from workers.models import load_causal_lm
 from workers.scoring import sequence_logprob_sums, token_entropy
 
 MARKER = "Final Answer:"
 CONFIG = EntropyConfig(lambda_fork=0.4, top_m=0.5, final_window=3)
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return load_causal_lm(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_and_tokenizer):
-    return model_and_tokenizer[1]
 
 
 def _candidate(tokenizer, text: str, finish_reason: str, stop_entropy: float = 50.0, **extra) -> dict:

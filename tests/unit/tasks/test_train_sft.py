@@ -11,22 +11,11 @@ from tasks.train_sft import IGNORE, clip_text, reflective_target, sft_examples, 
 from workers.backend import GenerationParams
 from workers.chat import prompt_ids
 from workers.hf import HFBackend
-from workers.models import load_causal_lm
 from workers.scoring import pack, token_entropy
 
 MARKER = "Final Answer:"
 LONG_CHOSEN = "Paris is the capital of France and also its largest city by far"
 PAIR = {"prompt_id": "p1", "prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"}
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return load_causal_lm(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_and_tokenizer):
-    return model_and_tokenizer[1]
 
 
 # -- targets ---------------------------------------------------------------------
