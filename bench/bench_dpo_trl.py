@@ -81,22 +81,6 @@ def run_ours(args, model_dir: Path) -> dict:
             "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
 
 
-class _StepLosses:
-    """Collects TRL's per-step training loss (logging_steps=1)."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Callback(TrainerCallback):
-            def __init__(self):
-                self.losses = []
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    self.losses.append(logs["loss"])
-        return Callback()
-
-
 def run_trl(args, model_dir: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -125,9 +109,7 @@ def run_trl(args, model_dir: Path) -> dict:
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=list(ours.lora.target_modules))
     started = time.perf_counter()
-    losses = _StepLosses()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[losses])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     build_s = time.perf_counter() - started  # tokenisation + reference log-probs
     tokenized = trainer.train_dataset
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized)
@@ -135,10 +117,10 @@ def run_trl(args, model_dir: Path) -> dict:
     started = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # logging_steps=1: every step
     return {"side": "trl", "pairs": len(tokenized), "precompute_s": build_s, "precompute_tokens": tokens,
             "train_s": train_s, "train_tokens": tokens * args.epochs, "steps": result.global_step,
-            "first_loss": losses.losses[0] if losses.losses else None,
-            "last_loss": losses.losses[-1] if losses.losses else None,
+            "first_loss": losses[0], "last_loss": losses[-1],
             "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
 
 
