@@ -1,5 +1,6 @@
 """Benchmark the demo self-improve flow: per-stage wall time and tokens/s, and the
-orchestration overhead (issue 2).
+orchestration overhead, against the same stage functions run as a plain script
+without Prefect (issues 2 and 7).
 
     python bench/bench_demo.py [--config configs/demo.yaml] [--home DIR] [--model-cache DIR]
                                [--out bench/out/demo.json] [--keep] [key=value ...]
@@ -16,12 +17,17 @@ What it does
      is reported as 'setup' and kept OUT of the flow wall time and the overhead ratio.
      Inside the flow the base_model task then finds the converted model.
   4. Runs the flow once cold (``time.perf_counter`` around the flow call), then once
-     more: every stage is already committed, so the re-run is all cache hits.
+     more: every stage is already committed, so the re-run is all cache hits. Then
+     the same stages as a plain script (``benchlib.run_plain``: each stage's function
+     called directly, no Prefect task runs) into a fresh artifact root. It runs last,
+     so warm-up costs (first forward passes, page cache) favour the plain script.
   5. Reads each stage artifact's manifest metrics (``seconds`` is recorded by
      ``Stage.run`` around the stage's own compute, excluding the commit) and prints
      per-stage seconds and tokens/s, sum of stage seconds, flow wall time,
      overhead = wall / sum(stage seconds), and the cached re-run time and its ratio to
-     the cold run. The same numbers go to ``bench/out/demo.json`` (gitignored).
+     the cold run, and the flow's wall time over the plain script's (the overhead
+     the issue asks for; the artifact keys of both must match). The same numbers go
+     to ``bench/out/demo.json`` (gitignored).
 
 The model cache
   The converted SmolLM2 model lives under ``HOME/models``. A fresh temporary home has
@@ -147,6 +153,14 @@ def main(argv=None) -> int:
     if recomputed:
         print(f"warning: the re-run recomputed {len(recomputed)} artifact(s) (different keys): "
               f"{', '.join(u.rsplit('/', 2)[-2] for u in recomputed)}", file=sys.stderr)
+    print("plain script (the same stage functions, no Prefect) ...", flush=True)
+    from benchlib import run_plain, timed
+
+    plain_root = home / "plain-artifacts"
+    plain_summary, plain_wall = timed(lambda: run_plain(with_artifact_root(config, plain_root)))
+    plain_keys_match = [artifact_id(u) for u in uris(plain_summary)] == [artifact_id(u) for u in uris(summary)]
+    if not plain_keys_match:
+        print("warning: the plain script's artifact keys differ from the flow's", file=sys.stderr)
     source_changed = source_fingerprint() != source_before
     if source_changed:
         print("warning: the project's source changed on disk during the benchmark; stage keys hash the "
@@ -171,6 +185,9 @@ def main(argv=None) -> int:
         "overhead_ratio": round(cold_wall / stage_sum, 3) if stage_sum else None,
         "cached_rerun_wall_seconds": round(cached_wall, 3),
         "cached_over_cold": round(cached_wall / cold_wall, 4),
+        "plain_script_wall_seconds": round(plain_wall, 3),
+        "flow_over_plain_script": round(cold_wall / plain_wall, 3),
+        "plain_script_keys_match_flow": plain_keys_match,
         "overhead_breakdown": {
             "before_flow_run_seconds": round(cold_wall - flow_run_s, 3) if flow_run_s else None,
             "flow_run_minus_task_runs_seconds": round(flow_run_s - task_sum, 3) if flow_run_s else None,
@@ -210,6 +227,15 @@ def timed_flow_run(flow_fn, config) -> tuple[float, dict, dict]:
     state = flow_fn(config=config, return_state=True)
     wall = time.perf_counter() - t
     return wall, state.result(), prefect_times(state)
+
+
+def with_artifact_root(config, root: Path):
+    return config.model_copy(update={"paths": config.paths.model_copy(update={"artifact_root": str(root)})})
+
+
+def artifact_id(uri: str) -> str:
+    """stage/key of an artifact URI, whatever its root."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
 
 
 def uris(summary: dict) -> list[str]:
@@ -360,6 +386,9 @@ def print_report(r: dict) -> None:
           f"ratio wall / sum(stages) = {_fmt(r['overhead_ratio'], '.3f')}")
     print(f"cached re-run wall time:   {r['cached_rerun_wall_seconds']:.2f}s "
           f"({100 * r['cached_over_cold']:.2f}% of the cold run)")
+    print(f"plain script wall time:    {r['plain_script_wall_seconds']:.2f}s (same stages, no Prefect; "
+          f"keys match the flow's: {r['plain_script_keys_match_flow']})")
+    print(f"flow / plain script:       {r['flow_over_plain_script']:.3f}")
     b = r["overhead_breakdown"]
     if b["before_flow_run_seconds"] is not None:
         print(f"  of which: before the Prefect flow run starts {b['before_flow_run_seconds']:.2f}s, "

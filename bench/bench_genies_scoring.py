@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchlib import timed
+from benchlib import one_sequence_logprob, timed
 
 from alignflow.config import GeniesScoringConfig, alignflow_home
 from genies.data import capped, distribution_dir, expand_pairs, read_split
@@ -34,18 +34,11 @@ def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: in
     return pairs
 
 
-@torch.inference_mode()
 def per_pair_loop(model, tokenizer, pairs: list[dict], max_tokens: int) -> tuple[list[float], list[float]]:
     """The baseline: one forward per response, batch size 1, full logits."""
     seqs = encode_pairs(tokenizer, pairs, max_tokens)  # same token ids as ours, so the numbers must agree
-    sums = {}
-    for a, b in seqs.pair_index:
-        for i in (a, b):
-            prompt, response = seqs.prompts[i], seqs.responses[i]
-            ids = torch.tensor([prompt + response])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            targets = ids[0, len(prompt):]
-            sums[(a, b, i)] = float(logp[len(prompt) - 1:].gather(-1, targets.unsqueeze(-1)).sum())
+    sums = {(a, b, i): one_sequence_logprob(model, seqs.prompts[i], seqs.responses[i])
+            for a, b in seqs.pair_index for i in (a, b)}
     return [sums[(a, b, a)] for a, b in seqs.pair_index], [sums[(a, b, b)] for a, b in seqs.pair_index]
 
 

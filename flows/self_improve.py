@@ -4,10 +4,14 @@ Round k+1 samples from round k's model, which is also its reference model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from prefect import flow
 
 from alignflow.config import SelfImproveConfig
 from flows.report import publish_summary, run_summary
+from storage.artifacts import ArtifactRef
 from tasks.base_model import base_model_task
 from tasks.judge import judge_task
 from tasks.logprobs import logprobs_task
@@ -18,21 +22,44 @@ from tasks.stage import run_context
 from tasks.train_dpo import train_dpo_task
 
 
-@flow(name="self-improve")
-def self_improve(config: SelfImproveConfig = SelfImproveConfig()) -> dict:
+@dataclass(frozen=True)
+class Steps:
+    """How each stage is called: the flow calls Prefect tasks; bench/ calls the
+    same stage functions directly to measure what Prefect adds."""
+
+    prompts: Callable
+    base_model: Callable
+    sample: Callable
+    judge: Callable
+    pairs: Callable
+    logprobs: Callable
+    train_dpo: Callable
+
+
+TASKS = Steps(prompts_task, base_model_task, sample_task, judge_task, pairs_task, logprobs_task, train_dpo_task)
+
+
+def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, list[dict[str, ArtifactRef]]]:
+    """The prompts artifact and each round's artifacts, by stage."""
     ctx = run_context(config)
-    prompts = prompts_task(ctx, prompt_source(config.prompts, config.limit_prompts))
-    policy = base_model_task(config.model, ctx.model_cache)
-    judge_model = base_model_task(config.judge.model, ctx.model_cache) if config.judge.model else None
+    prompts = steps.prompts(ctx, prompt_source(config.prompts, config.limit_prompts))
+    policy = steps.base_model(config.model, ctx.model_cache)
+    judge_model = steps.base_model(config.judge.model, ctx.model_cache) if config.judge.model else None
     rounds = []
     for _ in range(config.rounds):
-        candidates = sample_task(ctx, config.sample, policy=policy, prompts=prompts)
-        judgments = judge_task(ctx, config.judge, judge_model=judge_model or policy, candidates=candidates)
-        pairs = pairs_task(ctx, config.pairs, candidates=candidates, judgments=judgments)
-        with_reference = logprobs_task(ctx, config.logprobs, reference=policy, pairs=pairs)
-        policy = train_dpo_task(ctx, config.dpo, policy=policy, pairs=with_reference)
+        candidates = steps.sample(ctx, config.sample, policy=policy, prompts=prompts)
+        judgments = steps.judge(ctx, config.judge, judge_model=judge_model or policy, candidates=candidates)
+        pairs = steps.pairs(ctx, config.pairs, candidates=candidates, judgments=judgments)
+        with_reference = steps.logprobs(ctx, config.logprobs, reference=policy, pairs=pairs)
+        policy = steps.train_dpo(ctx, config.dpo, policy=policy, pairs=with_reference)
         rounds.append({"sample": candidates, "judge": judgments, "pairs": pairs,
                        "logprobs": with_reference, "train_dpo": policy})
-    summary = run_summary(ctx.store(), prompts, rounds)
+    return prompts, rounds
+
+
+@flow(name="self-improve")
+def self_improve(config: SelfImproveConfig = SelfImproveConfig()) -> dict:
+    prompts, rounds = run_rounds(config, TASKS)
+    summary = run_summary(run_context(config).store(), prompts, rounds)
     publish_summary("self-improve", summary)
     return summary
