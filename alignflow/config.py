@@ -5,11 +5,14 @@ Every model forbids unknown keys, so a typo is an error that lists the valid key
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage.s3 import masked_credentials, secret_option_names
 
 Dtype = Literal["float32", "bfloat16"]
 
@@ -43,7 +46,52 @@ class Paths(Strict):
 
 
 class Storage(Strict):
-    storage_options: dict = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
+    """How the artifact root is opened. Never credentials: the config is recorded with every
+    run; they come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a saved Prefect Secret block."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint of an s3:// root (MinIO, SeaweedFS, ...); default $ALIGNFLOW_S3_ENDPOINT, else AWS")
+    credentials_block: str | None = Field(
+        None, description='name of a saved Prefect Secret block holding {"key": ..., "secret": ...} for an s3:// root')
+    storage_options: dict = Field(default_factory=dict,
+                                  description="fsspec options (client_kwargs, config_kwargs, ...), no credentials")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_credentials(cls, data):
+        # refused by the storage_options check, but its error would print the value it got
+        if isinstance(data, dict) and isinstance(data.get("storage_options"), dict):
+            data = {**data, "storage_options": masked_credentials(data["storage_options"])}
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8333")
+        return url
+
+    @field_validator("credentials_block")
+    @classmethod
+    def _block_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+            raise ValueError("expected the name of a saved Prefect block (lowercase letters, digits, dashes)")
+        return name
+
+    @field_validator("storage_options")
+    @classmethod
+    def _without_credentials(cls, options: dict) -> dict:
+        secrets = secret_option_names(options)
+        if secrets:
+            raise ValueError(
+                f"credentials do not belong in the config (it is recorded with the run): remove {', '.join(secrets)}; "
+                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_block instead")
+        return options
+
+    def options(self) -> dict:
+        """What the artifact store is opened with: the fsspec options plus the endpoint and block name."""
+        named = {"endpoint_url": self.endpoint_url, "credentials_block": self.credentials_block}
+        return {**self.storage_options, **{k: v for k, v in named.items() if v is not None}}
 
 
 class SampleConfig(Strict):

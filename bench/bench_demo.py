@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         print(f"setup:       {s['model']}: {what}, {s['seconds']:.1f}s (excluded from flow wall and overhead)")
 
     # -- cold run -------------------------------------------------------------------------
-    store = ArtifactStore(paths.artifact_root, config.storage.storage_options)
+    store = ArtifactStore(paths.artifact_root, config.storage.options())
     started_at = dt.datetime.now(dt.timezone.utc)
     print("\ncold run ...", flush=True)
     cold_wall, summary, cold_prefect = timed_flow_run(self_improve, config)

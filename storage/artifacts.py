@@ -6,6 +6,11 @@ lists every file with its hash, so a killed writer leaves files without a
 manifest: not committed, never read. Two writers of the same key write their
 own part files (unique names) and each commits a manifest naming only its own
 files, so whichever manifest lands last describes an intact artifact.
+
+On object stores (s3://) there is no rename and none is needed: an object PUT
+(multipart ones included) becomes visible whole or not at all, so the
+manifest's single PUT is the commit. Files are never overwritten or deleted,
+so a manifest's files stay readable after another writer's manifest replaces it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
+
+from storage.s3 import open_options, refuse_credentials_in_url
 
 MANIFEST = "_manifest.json"
 CHECKPOINTS = "_checkpoints"
@@ -67,9 +74,12 @@ class ArtifactStore:
     """Reads and commits artifacts under one fsspec root (local dir, s3://, ...)."""
 
     def __init__(self, root: str, storage_options: dict | None = None):
+        """``storage_options``: fsspec options without credentials; for s3 roots they may name an
+        ``endpoint_url`` and a ``credentials_block`` (see storage/s3.py)."""
+        refuse_credentials_in_url(root)
         self.root = root.rstrip("/")
         self.storage_options = storage_options or {}
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **open_options(self.root, self.storage_options))
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols
 
@@ -91,8 +101,7 @@ class ArtifactStore:
     def manifest(self, stage: str, key: str) -> dict:
         path = self._path(stage, key, MANIFEST)
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.read_bytes(path))
         except FileNotFoundError:
             raise ArtifactError(
                 f"{self.uri(stage, key)}: no {MANIFEST}: the artifact was never committed "
@@ -124,8 +133,7 @@ class ArtifactStore:
     def _read_listed_file(self, ref: ArtifactRef, manifest: dict, name: str, verify: bool) -> bytes:
         path = self._path(ref.stage, ref.key, name)
         try:
-            with self.fs.open(path, "rb") as f:
-                data = f.read()
+            data = self.read_bytes(path)
         except FileNotFoundError:
             raise ArtifactError(f"{ref.uri}/{name}: listed in the manifest but missing") from None
         if verify and _sha256_bytes(data) != manifest["files"][name]:
@@ -203,7 +211,7 @@ class ArtifactStore:
 
     def _write_bytes(self, stage: str, key: str, name: str, data: bytes) -> str:
         path = self._path(stage, key, name)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self._make_parent(path)
         with self.fs.open(path, "wb") as f:
             f.write(data)
         return _sha256_bytes(data)
@@ -212,7 +220,7 @@ class ArtifactStore:
         self._write_atomic(self._path(stage, key, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     def _write_atomic(self, final: str, data: bytes) -> None:
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self._make_parent(final)
         if self.is_local:  # rename is atomic on a local filesystem; object PUTs are atomic anyway
             tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
             with open(tmp, "wb") as f:
@@ -222,12 +230,16 @@ class ArtifactStore:
             with self.fs.open(final, "wb") as f:
                 f.write(data)
 
+    def _make_parent(self, path: str) -> None:
+        # Object stores have no directories; s3fs's makedirs would probe (and even create) the bucket.
+        if self.is_local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
     def list(self) -> list[dict]:
         """Every committed artifact's manifest, newest first."""
         out = []
         for path in self.fs.glob(f"{self._root_path}/*/*/{MANIFEST}"):
-            with self.fs.open(path, "rb") as f:
-                manifest = json.loads(f.read())
+            manifest = json.loads(self.read_bytes(path))
             manifest["uri"] = self.uri(manifest["stage"], manifest["key"])
             out.append(manifest)
         return sorted(out, key=lambda m: m["created_at"], reverse=True)
@@ -250,8 +262,9 @@ class ArtifactStore:
         return sorted(self.fs.glob(self._path(stage, key, CHECKPOINTS, "step-*.pt")), reverse=True)
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        # One GET: s3fs's file objects read in ranges pinned to the ETag seen first, and fail
+        # (FileExpired) when another writer replaces a manifest between the two.
+        return self.fs.cat_file(path)
 
 
 def _content_hash(files: dict[str, str], writer: str) -> str:

@@ -57,7 +57,7 @@ def run_context(config) -> RunContext:
     executor = getattr(config, "executor", "local")
     return RunContext(
         artifact_root=paths.artifact_root, model_cache=paths.model_cache,
-        storage_options=config.storage.storage_options, executor=executor,
+        storage_options=config.storage.options(), executor=executor,
         ray=config.ray.model_dump() if executor == "ray" else {},
     )
 
