@@ -207,9 +207,12 @@ class MassMeanShiftConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = Field(None, description="join this cluster; default: start a local one")
-    actors: int = Field(2, ge=1)
-    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per actor (fractions let actors share cores)")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor")
+    replicas: int = Field(2, ge=1, description="model replicas; concurrent stages each borrow one")
+    gpus_per_replica: int = Field(0, ge=0, description="GPUs of a replica, packed on one node (tensor-parallel "
+                                  "size); 0: CPU-only actors")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs of a replica (fractions let actors share cores)")
+    spread: bool = Field(True, description="put replicas on different nodes where they fit")
+    placement_timeout_s: float = Field(60.0, gt=0.0, description="fail a stage whose GPUs cannot be placed by then")
 
 
 class GeniesConfig(Strict):

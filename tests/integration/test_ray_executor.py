@@ -18,7 +18,7 @@ from storage.artifacts import ArtifactStore  # noqa: E402
 from tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
 from workers.ray_pool import ActorPool  # noqa: E402
 
-RAY = {"actors": 2, "num_cpus": 0.5}
+RAY = {"replicas": 2, "cpus_per_replica": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ class _Marker(Strict):
 def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
     stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), ("tasks.stage",))
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
-    pool = ActorPool(address=None, actors=1, num_cpus=0.5, num_gpus=0.0)
+    pool = ActorPool(address=None, replicas=1, gpus_per_replica=0, cpus_per_replica=0.5)
     ref = pool.run(stage, ctx, _Marker(marker=str(tmp_path / "died")), {})
     assert (tmp_path / "died").exists()
     assert ArtifactStore(ctx.artifact_root).read_rows(ref) == [{"x": 1}]
