@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from alignflow.config import FLOW_CONFIGS, ConfigError, Paths, load_config
+from alignflow.config import FLOW_CONFIGS, ConfigError, Paths, load_config, with_home
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--rows", type=int, default=5)
     show.set_defaults(handler=_artifacts_show)
 
+    from deployments.deploy import WORK_POOL
+
+    deploy = sub.add_parser("deploy", help="create or update the Prefect deployments (needs PREFECT_API_URL)")
+    deploy.add_argument("--pool", default=WORK_POOL, help="work pool; a process pool is created if absent")
+    deploy.add_argument("--image", help="image for docker or kubernetes work pools")
+    deploy.add_argument("--config", action="append", default=[], metavar="FLOW=FILE",
+                        help="a flow's default parameters from a config file (repeatable)")
+    deploy.add_argument("--cron", help="run the pipeline on this cron schedule, UTC (default: a paused weekly example)")
+    deploy.set_defaults(handler=_deploy)
+
+    worker = sub.add_parser("worker", help="start a Prefect worker that runs the deployments' flow runs")
+    worker.add_argument("--pool", default=WORK_POOL)
+    worker.add_argument("--limit", type=int, default=1, help="flow runs at once (each stage already uses the machine)")
+    worker.set_defaults(handler=_worker)
+
+    resume = sub.add_parser("resume", help="run a finished or failed flow run again; finished stages come from cache")
+    resume.add_argument("run_id", help="the flow run's id")
+    resume.add_argument("--home", help="override $ALIGNFLOW_HOME (where a run without a deployment ran)")
+    resume.set_defaults(handler=_resume)
+
     from genies.cli import add_commands
 
     add_commands(sub)
@@ -64,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     config = load_config(FLOW_CONFIGS[args.flow], args.config, args.overrides)
     if args.home:
-        config = config.model_copy(update={"paths": config.paths.model_copy(update={"home": args.home})})
+        config = with_home(config, args.home)
     paths = config.paths.resolved()
     from alignflow.runtime import configure_environment
 
@@ -77,6 +98,92 @@ def _run(args) -> int:
     else:
         print(SUMMARIES[args.flow](summary))
         print(f"log: {log_file}")
+    return 0
+
+
+def _deploy(args) -> int:
+    from deployments.deploy import deploy, require_server
+
+    require_server()
+    configs = {}
+    for item in args.config:
+        name, _, path = item.partition("=")
+        if name not in FLOW_CONFIGS or not path:
+            raise ConfigError(f"--config {item}: expected FLOW=FILE with FLOW one of {', '.join(sorted(FLOW_CONFIGS))}")
+        configs[name] = load_config(FLOW_CONFIGS[name], path)
+    for name, deployment_id in deploy(args.pool, configs, args.image, args.cron).items():
+        print(f"{name}: {deployment_id}")
+    print(f"start a worker: alignflow worker --pool {args.pool}")
+    return 0
+
+
+def _worker(args) -> int:
+    """`prefect worker start` in this process: its flow runs import the installed alignflow."""
+    from deployments.deploy import require_server
+
+    require_server()
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--limit", str(args.limit)]
+    os.execv(sys.executable, command)
+
+
+def _resume(args) -> int:
+    """The same flow run, scheduled again (what `prefect flow-run retry` does). Each stage's
+    cache key is its artifact key, so finished stages come back Cached and only the
+    failed one and those after it run. A deployment's run goes to its pool's worker;
+    any other run runs here."""
+    from uuid import UUID
+
+    try:
+        run_id = UUID(args.run_id)
+    except ValueError:
+        raise ValueError(f"flow run id '{args.run_id}': not a UUID") from None
+    from alignflow.runtime import configure_environment
+
+    configure_environment(Paths(home=args.home).resolved())
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    with get_client(sync_client=True) as client:
+        run = _finished_flow_run(client, run_id)
+        flow = None if run.deployment_id else _registered_flow(client.read_flow(run.flow_id).name)
+        client.set_flow_run_state(run.id, Scheduled(message="resumed by alignflow resume"), force=True)
+        if flow is None:
+            print(f"flow run {run.name} ({run.id}) scheduled again: a worker on its deployment's pool runs it")
+            return 0
+        run = client.read_flow_run(run.id)
+    return _run_here(flow, run)
+
+
+def _finished_flow_run(client, run_id):
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = client.read_flow_run(run_id)
+    except ObjectNotFound:
+        raise LookupError(f"flow run {run_id}: not found at the Prefect API {client.api_url}") from None
+    if not run.state or not run.state.is_final():
+        raise RuntimeError(f"flow run {run_id} is {run.state.name if run.state else 'not started'}: "
+                           "only a finished run (Failed, Crashed, Cancelled, Completed) can be resumed")
+    return run
+
+
+def _registered_flow(name: str):
+    from flows import FLOWS
+
+    if name not in FLOWS:
+        raise LookupError(f"flow '{name}' is not one of alignflow's: {', '.join(FLOWS)}")
+    return FLOWS[name]
+
+
+def _run_here(flow, run) -> int:
+    from prefect.flow_engine import run_flow
+
+    from flows import SUMMARIES
+
+    state = run_flow(flow=flow, flow_run=run, parameters=flow.validate_parameters(run.parameters), return_type="state")
+    if not state.is_completed():
+        raise RuntimeError(f"flow run {run.id} ended {state.name}: {state.message}")
+    print(SUMMARIES[flow.name](state.result()))
     return 0
 
 

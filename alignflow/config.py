@@ -328,7 +328,29 @@ class GemConfig(Strict):
         return self
 
 
-FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig, "gem": GemConfig}
+class PipelineConfig(Strict):
+    """The pipeline flow: self-improve's config under ``training``, genies-eval's under
+    ``genies`` (its ``model`` is replaced by the trained policy)."""
+
+    training: SelfImproveConfig = SelfImproveConfig()
+    genies: GeniesConfig = GeniesConfig()
+
+    @property
+    def paths(self) -> Paths:
+        """Where the run's Prefect home and logs live: the training half's."""
+        return self.training.paths
+
+
+FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig, "gem": GemConfig,
+                                         "pipeline": PipelineConfig}
+
+
+def with_home(config: Strict, home: str) -> Strict:
+    """The config with every ``paths.home`` set to ``home`` (the CLI's --home)."""
+    if isinstance(config, PipelineConfig):
+        return config.model_copy(update={"training": with_home(config.training, home),
+                                         "genies": with_home(config.genies, home)})
+    return config.model_copy(update={"paths": config.paths.model_copy(update={"home": home})})
 
 
 class ConfigError(ValueError):

@@ -1,9 +1,10 @@
 from flows.gem import gem, gem_summary_markdown
 from flows.genies_eval import genies_eval, genies_summary_markdown
+from flows.pipeline import pipeline, pipeline_summary_markdown
 from flows.report import summary_markdown
 from flows.self_improve import self_improve
 
-FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval, "gem": gem}
+FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval, "gem": gem, "pipeline": pipeline}
 # how the CLI prints each flow's returned summary
 SUMMARIES = {"self-improve": lambda s: summary_markdown("self-improve", s), "genies-eval": genies_summary_markdown,
-             "gem": gem_summary_markdown}
+             "gem": gem_summary_markdown, "pipeline": pipeline_summary_markdown}

@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import GeniesConfig
+from flows.report import publish_genies_summary
 from genies.data import distribution_names
 from genies.interventions import make_intervention
 from genies.report import ReportSpec, evaluation_name, genies_report_task
@@ -76,7 +77,9 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     report = genies_report_task(ctx, report_spec, **evaluations)
     store = ctx.store()
     local = store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts")
-    return {"report": report.uri, "report_dir": str(local), "means": store.manifest(report.stage, report.key)["metrics"]}
+    summary = {"report": report.uri, "report_dir": str(local), "means": store.manifest(report.stage, report.key)["metrics"]}
+    publish_genies_summary(summary)
+    return summary
 
 
 def genies_summary_markdown(summary: dict) -> str:

@@ -1,6 +1,9 @@
 """The run summary: where every artifact is and the numbers a user checks first."""
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 from storage.artifacts import ArtifactRef, ArtifactStore
 
 HEADLINE = {
@@ -26,12 +29,12 @@ def _metrics(store: ArtifactStore, ref: ArtifactRef, names: list[str]) -> dict:
 
 
 def summary_markdown(flow_name: str, summary: dict) -> str:
-    lines = [f"# {flow_name} summary", "", f"prompts: `{summary['prompts']['uri']}`", ""]
+    lines = [f"# {flow_name} summary", "", f"prompts: {artifact_link(summary['prompts']['uri'])}", ""]
     for k, rnd in enumerate(summary["rounds"], start=1):
         lines += [f"## round {k}", "", "| stage | artifact | metrics |", "|---|---|---|"]
         for stage, info in rnd.items():
             metrics = ", ".join(f"{m}={v}" for m, v in info.items() if m != "uri" and v is not None)
-            lines.append(f"| {stage} | `{info['uri']}` | {metrics} |")
+            lines.append(f"| {stage} | {artifact_link(info['uri'])} | {metrics} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -41,3 +44,29 @@ def publish_summary(flow_name: str, summary: dict) -> None:
 
     create_markdown_artifact(markdown=summary_markdown(flow_name, summary), key=f"{flow_name}-summary",
                              description=f"{flow_name}: artifacts and headline metrics")
+
+
+def artifact_link(uri: str, text: str | None = None) -> str:
+    """A markdown link to an artifact or file: URLs as they are, local paths as file:// URLs."""
+    target = uri if "://" in uri else Path(uri).resolve().as_uri()
+    return f"[`{text or uri}`]({target})"
+
+
+def inline_png(path: Path, alt: str) -> str:
+    """A markdown image carrying the PNG itself: the UI cannot read the artifact store."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+def publish_genies_summary(summary: dict) -> None:
+    """The genies-eval run's summary in the UI: means, links to the report files, the heatmap."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.genies_eval import genies_summary_markdown
+
+    folder = Path(summary["report_dir"])
+    files = ", ".join(artifact_link(str(folder / name), name) for name in ("report.md", "metrics.csv", "means.csv"))
+    markdown = (genies_summary_markdown(summary) + f"\nartifact: {artifact_link(summary['report'])}; files: {files}\n\n"
+                "## differential elicitation per shift\n\n"
+                + inline_png(folder / "heatmap.png", "heatmap: shift x intervention") + "\n")
+    create_markdown_artifact(markdown=markdown, key="genies-eval-summary",
+                             description="genies-eval: means, report files and heatmap")

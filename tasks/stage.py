@@ -128,6 +128,7 @@ def stage_task(stage: Stage, retries: int = 2):
         return f"{stage.name}-{key}-{stable_hash(params['ctx'].artifact_root)[:8]}"
 
     def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
+        fail_once_if_asked(stage.name)
         if ctx.executor == "ray":
             from workers.ray_pool import run_on_ray
 
@@ -144,6 +145,16 @@ def stage_task(stage: Stage, retries: int = 2):
 
 # Bad input fails the same way every time: retrying it only delays the error.
 BAD_INPUT = (ValueError, LookupError, ArtifactError, FileNotFoundError)
+
+
+def fail_once_if_asked(stage: str) -> None:
+    """Test hook: ``ALIGNFLOW_FAIL_ONCE=STAGE:MARKER_FILE`` fails STAGE the first time
+    it runs and creates the marker, so the next run passes. A ValueError, like bad
+    input, is not retried: the flow run fails and has to be resumed."""
+    target, _, marker = os.environ.get("ALIGNFLOW_FAIL_ONCE", "").partition(":")
+    if target == stage and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise ValueError(f"{stage}: fault injected by ALIGNFLOW_FAIL_ONCE (marker {marker})")
 
 
 def is_transient(_task, _run, state) -> bool:

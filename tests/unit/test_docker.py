@@ -96,7 +96,7 @@ def test_prefect_worker_polls_the_server_from_the_process_pool():
     worker = SERVICES["prefect-worker"]
     server_port = _flag(SERVICES["prefect-server"]["command"], "--port")
     assert _env("prefect-worker")["PREFECT_API_URL"] == f"http://prefect-server:{server_port}/api"
-    assert _flag(worker["command"], "--pool") == "alignflow-process"
+    assert _flag(worker["command"], "--pool") == "alignflow"
     assert _flag(worker["command"], "--type") == "process"
     assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
 

@@ -1,0 +1,49 @@
+"""The full pipeline: self-improve trains a policy, then GENIES evaluates it.
+
+GENIES takes the trained policy (the last round's merged model) as its base
+model, so every intervention, zero_shot included, measures that policy. Both
+halves are subflows with their own cached stages: a pipeline started after a
+self-improve run with the same training config gets its training back from
+cache and only evaluates (what the deployment's event trigger relies on).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from alignflow.config import PipelineConfig, SelfImproveConfig
+from flows.genies_eval import genies_eval, genies_summary_markdown
+from flows.report import artifact_link, summary_markdown
+from flows.self_improve import self_improve
+from tasks.stage import run_context
+
+
+def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
+    """The local directory of the last round's trained policy (downloaded once if the store is remote)."""
+    ctx = run_context(training)
+    key = Path(summary["rounds"][-1]["train_dpo"]["uri"]).name
+    return ctx.model_dir(ctx.store().ref("train_dpo", key))
+
+
+@flow(name="pipeline")
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    training = self_improve(config=config.training)
+    model = trained_model_dir(config.training, training)
+    evaluation = genies_eval(config=config.genies.model_copy(update={"model": str(model)}))
+    summary = {"training": training, "model": str(model), "genies": evaluation}
+    publish_pipeline_summary(summary)
+    return summary
+
+
+def pipeline_summary_markdown(summary: dict) -> str:
+    head = f"# pipeline summary\n\ntrained policy: {artifact_link(summary['model'])}\n"
+    return "\n".join([head, summary_markdown("self-improve", summary["training"]),
+                      genies_summary_markdown(summary["genies"])])
+
+
+def publish_pipeline_summary(summary: dict) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=pipeline_summary_markdown(summary), key="pipeline-summary",
+                             description="pipeline: the trained policy, its training artifacts and its GENIES means")
