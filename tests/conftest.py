@@ -131,3 +131,15 @@ def genies_data_dir(genies_tar, tmp_path_factory) -> Path:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(wanted)]
         tar.extractall(out, members=members, filter="data")
     return out
+
+
+def run_with_task_runs(flow_fn, config):
+    """Run a flow; return (its result, its task runs as the Prefect API recorded them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    state = flow_fn(config=config, return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return state.result(), runs

