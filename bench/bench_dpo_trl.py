@@ -198,15 +198,21 @@ def compare(args, argv: list[str]) -> None:
     }, indent=1))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def dpo_bench_parser(description: str, pairs: int) -> argparse.ArgumentParser:
+    """The model, data and training arguments the DPO benches share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default=str(alignflow_home() / "genies"))
     p.add_argument("--distribution", default="alpaca_low_quality")
-    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=pairs)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
+    return p
+
+
+def main() -> None:
+    p = dpo_bench_parser(__doc__.splitlines()[0], pairs=64)
     p.add_argument("--token-budget", type=int, default=4096)
     p.add_argument("--side", choices=["alignflow", "trl", "naive"], help="run one side only (the driver runs both)")
     args, argv = p.parse_known_args()

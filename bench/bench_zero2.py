@@ -16,13 +16,12 @@ ranks over one rank's share of the machine (ideal: 2).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from functools import partial
 
-from bench_dpo_trl import load_pairs
+from bench_dpo_trl import dpo_bench_parser, load_pairs
 
 from alignflow.config import DPOConfig, LogprobsConfig, alignflow_home
 
@@ -48,15 +47,8 @@ def timed_training(model_dir, rows: list[dict], config: DPOConfig) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data-dir", default=str(alignflow_home() / "genies"))
-    p.add_argument("--distribution", default="alpaca_low_quality")
-    p.add_argument("--pairs", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
+    p = dpo_bench_parser(__doc__.splitlines()[0], pairs=32)
     p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
     args = p.parse_args()
 
     import ray
