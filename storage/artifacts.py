@@ -7,6 +7,12 @@ manifest: not committed, never read. Two writers of the same key write their
 own part files (unique names) and each commits a manifest naming only its own
 files, so whichever manifest lands last describes an intact artifact.
 
+A sharded stage writes one part file per shard as each shard finishes, with a
+receipt under ``_shards/``; the manifest that commits them comes only when every
+shard is in. A retried stage finds the receipts and computes only the missing
+shards. The content hash ignores the writer ids in file names, so the same rows
+hash the same however many processes wrote them.
+
 On object stores (s3://) there is no rename and none is needed: an object PUT
 (multipart ones included) becomes visible whole or not at all, so the
 manifest's single PUT is the commit. Files are never overwritten or deleted,
@@ -19,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,8 @@ from storage.s3 import open_options, refuse_credentials_in_url
 
 MANIFEST = "_manifest.json"
 CHECKPOINTS = "_checkpoints"
+SHARDS = "_shards"
+_WRITER_ID = re.compile(r"-[0-9a-f]{10}(?=\.parquet$|/)")  # a writer's id in a part file or directory name
 
 
 class ArtifactError(RuntimeError):
@@ -116,7 +125,7 @@ class ArtifactStore:
         for name in manifest["parts"]:
             data = self._read_listed_file(ref, manifest, name, verify)
             tables.append(pq.read_table(io.BytesIO(data)))
-        return pa.concat_tables(tables) if tables else pa.table({})
+        return _concat(tables)
 
     def read_rows(self, ref: ArtifactRef) -> list[dict]:
         return self.read_table(ref).to_pylist()
@@ -131,17 +140,25 @@ class ArtifactStore:
         return manifest
 
     def _read_listed_file(self, ref: ArtifactRef, manifest: dict, name: str, verify: bool) -> bytes:
-        path = self._path(ref.stage, ref.key, name)
+        return self._read_checked(ref.stage, ref.key, name, manifest["files"][name] if verify else None, "manifest")
+
+    def _read_checked(self, stage: str, key: str, name: str, sha256: str | None, listed_in: str) -> bytes:
         try:
-            data = self.read_bytes(path)
+            data = self.read_bytes(self._path(stage, key, name))
         except FileNotFoundError:
-            raise ArtifactError(f"{ref.uri}/{name}: listed in the manifest but missing") from None
-        if verify and _sha256_bytes(data) != manifest["files"][name]:
+            raise ArtifactError(f"{self.uri(stage, key, name)}: listed in the {listed_in} but missing") from None
+        if sha256 is not None and _sha256_bytes(data) != sha256:
             raise ArtifactError(
-                f"{ref.uri}/{name}: content hash does not match the manifest "
+                f"{self.uri(stage, key, name)}: content hash does not match the {listed_in} "
                 "(file corrupted or overwritten); delete the artifact directory and re-run"
             )
         return data
+
+    def read_shards(self, stage: str, key: str, receipts: list[dict]) -> pa.Table:
+        """The rows of written, not yet committed shards, checked against their receipts."""
+        tables = [pq.read_table(io.BytesIO(self._read_checked(stage, key, r["part"], r["sha256"], "shard receipt")))
+                  for r in receipts]
+        return _concat(tables)
 
     def local_dir(self, ref: ArtifactRef, subdir: str, cache_root: str | Path) -> Path:
         """A local directory holding ``subdir`` of an artifact (downloaded once if remote)."""
@@ -167,24 +184,21 @@ class ArtifactStore:
         key: str,
         *,
         tables: list[pa.Table] = (),
+        shards: list[dict] = (),
         local_dirs: dict[str, Path] | None = None,
         parents: list[ArtifactRef] = (),
         config: dict | None = None,
         code_version: str = "",
         metrics: dict | None = None,
     ) -> ArtifactRef:
-        """Write parts, then the manifest. Only the manifest makes the artifact visible."""
+        """Write parts, then the manifest. Only the manifest makes the artifact visible.
+        ``shards``: receipts of part files already written by ``write_shard``, in order."""
         writer = uuid.uuid4().hex[:10]
-        files: dict[str, str] = {}
-        parts: list[str] = []
-        rows = 0
-        schema = None
-        for i, table in enumerate(tables):
-            name = f"part-{i:05d}-{writer}.parquet"
-            files[name] = self._write_bytes(stage, key, name, _parquet_bytes(table))
-            parts.append(name)
-            rows += table.num_rows
-            schema = schema or table.schema
+        receipts = [*shards, *(self._write_part(stage, key, i, table, writer) for i, table in enumerate(tables))]
+        files = {r["part"]: r["sha256"] for r in receipts}
+        parts = [r["part"] for r in receipts]
+        rows = sum(r["rows"] for r in receipts)
+        schema = next((r["schema"] for r in receipts if r["schema"]), None)
         dirs = {subdir: f"{subdir}-{writer}" for subdir in (local_dirs or {})}
         for subdir, local in (local_dirs or {}).items():
             for path in sorted(Path(local).rglob("*")):
@@ -198,8 +212,8 @@ class ArtifactStore:
             "files": files,
             "dirs": dirs,
             "rows": rows,
-            "schema": schema.to_string() if schema is not None else None,
-            "content_hash": _content_hash(files, writer),
+            "schema": schema,
+            "content_hash": _content_hash(files),
             "parents": [p.model_dump() for p in parents],
             "config": config or {},
             "code_version": code_version,
@@ -208,6 +222,27 @@ class ArtifactStore:
         }
         self._write_manifest(stage, key, manifest)
         return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), content_hash=manifest["content_hash"])
+
+    def _write_part(self, stage: str, key: str, index: int, table: pa.Table, writer: str) -> dict:
+        name = f"part-{index:05d}-{writer}.parquet"
+        return {"part": name, "sha256": self._write_bytes(stage, key, name, _parquet_bytes(table)),
+                "rows": table.num_rows, "schema": table.schema.to_string() if table.num_columns else None}
+
+    def write_shard(self, stage: str, key: str, index: int, table: pa.Table, **info) -> dict:
+        """Write shard ``index``'s part file and its receipt (``info`` rides along: who
+        computed it, how long it took); the artifact stays uncommitted."""
+        receipt = {"index": index, **self._write_part(stage, key, index, table, uuid.uuid4().hex[:10]), **info}
+        self._write_atomic(self._path(stage, key, SHARDS, f"{index:05d}.json"), json.dumps(receipt).encode())
+        return receipt
+
+    def shard_receipts(self, stage: str, key: str) -> dict[int, dict]:
+        """The shards an earlier, unfinished attempt at this artifact already wrote."""
+        receipts = {}
+        for path in self.fs.glob(self._path(stage, key, SHARDS, "*.json")):
+            receipt = json.loads(self.read_bytes(path))
+            if self.fs.exists(self._path(stage, key, receipt["part"])):
+                receipts[receipt["index"]] = receipt
+        return receipts
 
     def _write_bytes(self, stage: str, key: str, name: str, data: bytes) -> str:
         path = self._path(stage, key, name)
@@ -267,9 +302,14 @@ class ArtifactStore:
         return self.fs.cat_file(path)
 
 
-def _content_hash(files: dict[str, str], writer: str) -> str:
+def _content_hash(files: dict[str, str]) -> str:
     """Hash of the contents under writer-independent names, so a rebuild hashes the same."""
-    return stable_hash(sorted((name.replace(f"-{writer}", ""), digest) for name, digest in files.items()))
+    return stable_hash(sorted((_WRITER_ID.sub("", name, count=1), digest) for name, digest in files.items()))
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    # shards infer their types alone: a column all null in one shard is a string in another
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
