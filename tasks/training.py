@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
 import math
 import tempfile
@@ -370,12 +371,22 @@ def save_models(model, tokenizer, config: TrainConfig, out: Path) -> dict[str, P
     if not config.full_finetune:
         model.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
+        sort_target_modules(out / "adapter" / "adapter_config.json")
         dirs["adapter"] = out / "adapter"
         model = model.merge_and_unload()
     model.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
     dirs["merged"] = out / "merged"
     return dirs
+
+
+def sort_target_modules(adapter_config: Path) -> None:
+    """peft writes ``target_modules`` from a set, in an order that changes with each
+    process's hash seed: sorted, the same training gives the same bytes anywhere."""
+    data = json.loads(adapter_config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def significant(value: float, digits: int = 4) -> float:
