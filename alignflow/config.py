@@ -106,6 +106,7 @@ class SampleConfig(Strict):
     dtype: Dtype = "float32"
     cot: bool = Field(False, description="chain-of-thought candidates for GEM: keep each step's raw next-token entropy")
     max_prompts: int | None = Field(None, ge=1, description="sample from the first this many distinct prompts only")
+    shard_size: int = Field(32, ge=1, description="prompts per shard (the unit a replica computes and commits)")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
@@ -128,6 +129,7 @@ class JudgeConfig(Strict):
     max_prompt_tokens: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1)
     dtype: Dtype = "float32"
+    shard_size: int = Field(8, ge=1, description="prompts (with all their comparisons) per shard")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
@@ -141,6 +143,7 @@ class LogprobsConfig(Strict):
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
     max_prompt_tokens: int | None = Field(None, ge=16)
     max_response_tokens: int | None = Field(None, ge=2)
+    shard_size: int = Field(128, ge=1, description="pairs per shard")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
@@ -186,6 +189,17 @@ class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0.0)
 
 
+class RayConfig(Strict):
+    address: str | None = Field(None, description="join this cluster; default: start a local one")
+    replicas: int = Field(2, ge=1, description="model replicas; concurrent stages each borrow one")
+    gpus_per_replica: int = Field(0, ge=0, description="GPUs of a replica, packed on one node (tensor-parallel "
+                                  "size); 0: CPU-only actors")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs of a replica (fractions let actors share cores)")
+    spread: bool = Field(True, description="put replicas on different nodes where they fit")
+    placement_timeout_s: float = Field(60.0, gt=0.0, description="fail a stage whose GPUs cannot be placed by then")
+    shard_retries: int = Field(2, ge=0, description="times a shard is retried on a new actor after its actor died")
+
+
 class SelfImproveConfig(Strict):
     """The RefEval flow: sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
 
@@ -193,6 +207,8 @@ class SelfImproveConfig(Strict):
     prompts: str = Field("builtin:demo", description="builtin:demo, or a .jsonl / .parquet file")
     limit_prompts: int | None = Field(None, ge=2)
     rounds: int = Field(1, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
     paths: Paths = Paths()
     storage: Storage = Storage()
     sample: SampleConfig = SampleConfig()
@@ -228,16 +244,6 @@ class MassMeanShiftConfig(Strict):
     top_layers: int = Field(16, ge=1, description="layers kept, ranked by held-out probe accuracy")
     held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="training pairs that rank layers and calibrate")
     seed: int = 0
-
-
-class RayConfig(Strict):
-    address: str | None = Field(None, description="join this cluster; default: start a local one")
-    replicas: int = Field(2, ge=1, description="model replicas; concurrent stages each borrow one")
-    gpus_per_replica: int = Field(0, ge=0, description="GPUs of a replica, packed on one node (tensor-parallel "
-                                  "size); 0: CPU-only actors")
-    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs of a replica (fractions let actors share cores)")
-    spread: bool = Field(True, description="put replicas on different nodes where they fit")
-    placement_timeout_s: float = Field(60.0, gt=0.0, description="fail a stage whose GPUs cannot be placed by then")
 
 
 class GeniesConfig(Strict):

@@ -20,7 +20,7 @@ from tasks.logprobs import logprobs_task
 from tasks.pref_accuracy import pref_accuracy_task
 from tasks.preferences import preference_set, preferences_task
 from tasks.sample import sample_task
-from tasks.stage import run_context
+from tasks.stage import RELEASE_HOOKS, run_context
 from tasks.train_dpo import train_dpo_task
 from tasks.train_sega import train_sega_task
 from tasks.train_sft import train_sft_task
@@ -30,7 +30,7 @@ def genies_dir(config: GemConfig) -> Path:
     return Path(config.genies_data_dir or Path(config.paths.resolved().home) / "genies").expanduser()
 
 
-@flow(name="gem")
+@flow(name="gem", **RELEASE_HOOKS)
 def gem(config: GemConfig = GemConfig()) -> dict:
     ctx = run_context(config)
     train = preferences_task(ctx, preference_set(config.train, genies_dir(config), config.columns,

@@ -20,7 +20,7 @@ from genies.shifts import check_distributions, distributions_needed, load_shifts
 from genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
                            pairs_spec)
 from tasks.base_model import base_model_task
-from tasks.stage import run_context
+from tasks.stage import RELEASE_HOOKS, run_context
 
 
 def data_dir(config: GeniesConfig) -> Path:
@@ -46,7 +46,7 @@ def model_name(config: GeniesConfig) -> str:
     return Path(config.model).name
 
 
-@flow(name="genies-eval")
+@flow(name="genies-eval", **RELEASE_HOOKS)
 def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     ctx = run_context(config)
     root = data_dir(config)

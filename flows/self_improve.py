@@ -18,7 +18,7 @@ from tasks.logprobs import logprobs_task
 from tasks.pairs import pairs_task
 from tasks.prompts import prompt_source, prompts_task
 from tasks.sample import sample_task
-from tasks.stage import run_context
+from tasks.stage import RELEASE_HOOKS, run_context
 from tasks.train_dpo import train_dpo_task
 
 
@@ -57,7 +57,7 @@ def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, li
     return prompts, rounds
 
 
-@flow(name="self-improve")
+@flow(name="self-improve", **RELEASE_HOOKS)
 def self_improve(config: SelfImproveConfig = SelfImproveConfig()) -> dict:
     prompts, rounds = run_rounds(config, TASKS)
     summary = run_summary(run_context(config).store(), prompts, rounds)

@@ -12,13 +12,10 @@ import re
 import time
 from collections import Counter
 
-import pyarrow as pa
-
 from alignflow.config import JudgeConfig
-from storage.artifacts import ArtifactRef
 from tasks.pairs import group_by_prompt, unique_candidates
-from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.backend import GenerationParams, open_backend
+from tasks.stage import RunContext, Shards, Stage, stage_task
+from workers.backend import GenerationParams, shared_backend
 from workers.chat import fit_prompt
 
 _RULES = (
@@ -98,26 +95,31 @@ def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=No
     tok = backend.tokenizer
     comparisons = [pair for cands in _grouped_unique(rows) for pair in ordered_pairs(cands)]
     prefix_ids = tok(config.answer_prefix, add_special_tokens=False)["input_ids"] if config.answer_prefix else []
-    prompts, truncated = [], 0
+    prompts, truncated = [], []
     for a, b in comparisons:
         text = judge_prompt(config.mode, a["prompt"], a["reference"], a["response"], b["response"])
         _, ids, cut = fit_prompt(tok, text, config.max_prompt_tokens - len(prefix_ids))
         prompts.append(ids + prefix_ids)
-        truncated += cut
+        truncated.append(cut)
     params = GenerationParams(
         temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
     )
     started = time.perf_counter()
     outputs = backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)
     seconds = time.perf_counter() - started
-    out = [_judgment(a, b, c[0], tok.decode, bool(prefix_ids), config) for (a, b), c in zip(comparisons, outputs)]
-    prompt_tokens = sum(len(p) for p in prompts)
-    metrics = {
-        "rows_out": len(out), "unparsed": sum(not r["parsed"] for r in out), "truncated_prompts": truncated,
+    out = [_judgment(a, b, c[0], tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
+           for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)]
+    return out, judge_metrics(out, seconds)
+
+
+def judge_metrics(out: list[dict], seconds: float) -> dict:
+    prompt_tokens = sum(r["prompt_tokens"] for r in out)
+    return {
+        "rows_out": len(out), "unparsed": sum(not r["parsed"] for r in out),
+        "truncated_prompts": sum(r["prompt_truncated"] for r in out),
         "prompt_tokens": prompt_tokens, "tokens_per_s": round(prompt_tokens / max(seconds, 1e-9), 1),
         **agreement_metrics(out),
     }
-    return out, metrics
 
 
 def _judgment(a: dict, b: dict, completion, decode, prefix_given: bool, config: JudgeConfig) -> dict:
@@ -160,21 +162,26 @@ def agreement_metrics(judgments: list[dict]) -> dict:
     }
 
 
-def compute_judge(ctx: RunContext, config: JudgeConfig, key: str, judge_model: ArtifactRef, candidates: ArtifactRef):
-    rows = ctx.store().read_rows(candidates)
-    n_comparisons = sum(len(ordered_pairs(c)) for c in _grouped_unique(rows))
-    progress = Progress("judge", n_comparisons, unit="comparisons")
-    with open_backend(config.backend, ctx.model_dir(judge_model), config.dtype, config.tensor_parallel_size,
-                      batch_size=config.batch_size) as backend:
-        out, metrics = judge_candidates(backend, rows, config, progress)
-    progress.close()
-    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+def candidate_groups(ctx: RunContext, config: JudgeConfig, parents: dict) -> list[list[dict]]:
+    """A prompt's distinct candidates, one group per prompt: a shard never splits a prompt's comparisons."""
+    return _grouped_unique(ctx.store().read_rows(parents["candidates"]))
+
+
+def judge_backend(ctx: RunContext, config: JudgeConfig, parents: dict):
+    return shared_backend(config.backend, ctx.model_dir(parents["judge_model"]), config.dtype,
+                          config.tensor_parallel_size, batch_size=config.batch_size)
+
+
+def judge_groups(backend, groups: list[list[dict]], config: JudgeConfig, progress=None) -> tuple[list[dict], dict]:
+    return judge_candidates(backend, [row for group in groups for row in group], config, progress)
 
 
 def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
     return [unique_candidates(g) for g in group_by_prompt(rows).values()]
 
 
-JUDGE = Stage("judge", compute_judge,
-              ("tasks.judge", "tasks.pairs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat"))
+JUDGE = Stage("judge", None,
+              ("tasks.judge", "tasks.pairs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat"),
+              shards=Shards(units=candidate_groups, open=judge_backend, compute=judge_groups, metrics=judge_metrics,
+                            work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups), unit="comparisons"))
 judge_task = stage_task(JUDGE)

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import time
 
-import pyarrow as pa
-
 from alignflow.config import LogprobsConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.backend import open_backend
+from tasks.stage import RunContext, Shards, Stage, stage_task
+from workers.backend import shared_backend
 from workers.chat import encode_pair
 
 
@@ -27,20 +24,25 @@ def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progr
     for i, r in enumerate(rows):
         r["chosen_logp"], r["rejected_logp"] = sums[i], sums[len(rows) + i]
         r["chosen_tokens"], r["rejected_tokens"] = len(r["chosen_ids"]), len(r["rejected_ids"])
-    tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-    return rows, {"rows_out": len(rows), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+    return rows, logprobs_metrics(rows, seconds)
 
 
-def compute_logprobs(ctx: RunContext, config: LogprobsConfig, key: str, reference: ArtifactRef, pairs: ArtifactRef):
-    rows = ctx.store().read_rows(pairs)
-    progress = Progress("logprobs", 2 * len(rows), unit="seqs")
-    with open_backend(config.backend, ctx.model_dir(reference), "float32", config.tensor_parallel_size,
-                      token_budget=config.token_budget) as backend:
-        out, metrics = reference_logprobs(backend, rows, config, progress)
-    progress.close()
-    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+def logprobs_metrics(rows: list[dict], seconds: float) -> dict:
+    tokens = sum(2 * len(r["prompt_ids"]) + r["chosen_tokens"] + r["rejected_tokens"] for r in rows)
+    return {"rows_out": len(rows), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
 
 
-LOGPROBS = Stage("logprobs", compute_logprobs,
-                 ("tasks.logprobs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"))
+def pair_units(ctx: RunContext, config: LogprobsConfig, parents: dict) -> list[dict]:
+    return ctx.store().read_rows(parents["pairs"])
+
+
+def reference_backend(ctx: RunContext, config: LogprobsConfig, parents: dict):
+    return shared_backend(config.backend, ctx.model_dir(parents["reference"]), "float32", config.tensor_parallel_size,
+                          token_budget=config.token_budget)
+
+
+LOGPROBS = Stage("logprobs", None,
+                 ("tasks.logprobs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"),
+                 shards=Shards(units=pair_units, open=reference_backend, compute=reference_logprobs,
+                               metrics=logprobs_metrics, work=lambda pairs, config: 2 * len(pairs), unit="seqs"))
 logprobs_task = stage_task(LOGPROBS)

@@ -6,12 +6,9 @@ from __future__ import annotations
 import time
 import zlib
 
-import pyarrow as pa
-
 from alignflow.config import SampleConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.backend import GenerationParams, open_backend
+from tasks.stage import RunContext, Shards, Stage, stage_task
+from workers.backend import GenerationParams, shared_backend
 from workers.chat import fit_prompt
 
 
@@ -51,25 +48,30 @@ def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=
                 "response": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
                 "finish_reason": c.finish_reason, **({"entropies": c.entropies} if config.cot else {}),
             })
+    return out, sample_metrics(out, seconds)
+
+
+def sample_metrics(out: list[dict], seconds: float) -> dict:
     tokens = sum(len(r["token_ids"]) for r in out)
-    metrics = {
-        "rows_out": len(out), "generated_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-        "truncated_prompts": sum(t for _, _, t in fitted),
-        "finished_share": round(sum(r["finish_reason"] == "stop" for r in out) / len(out), 3),
+    return {
+        "rows_out": len(out), "generated_tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "truncated_prompts": sum(r["prompt_truncated"] for r in out if r["candidate"] == 0),
+        "finished_share": round(sum(r["finish_reason"] == "stop" for r in out) / max(len(out), 1), 3),
     }
-    return out, metrics
 
 
-def compute_sample(ctx: RunContext, config: SampleConfig, key: str, policy: ArtifactRef, prompts: ArtifactRef):
-    rows = distinct_prompts(ctx.store().read_rows(prompts), config.max_prompts)
-    progress = Progress("sample", len(rows) * config.n, unit="samples")
-    with open_backend(config.backend, ctx.model_dir(policy), config.dtype, config.tensor_parallel_size,
-                      batch_size=config.batch_size) as backend:
-        out, metrics = sample_candidates(backend, rows, config, progress)
-    progress.close()
-    return StageOutput(tables=[pa.Table.from_pylist(out)], metrics=metrics)
+def prompt_units(ctx: RunContext, config: SampleConfig, parents: dict) -> list[dict]:
+    return distinct_prompts(ctx.store().read_rows(parents["prompts"]), config.max_prompts)
 
 
-SAMPLE = Stage("sample", compute_sample,
-               ("tasks.sample", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"))
+def policy_backend(ctx: RunContext, config: SampleConfig, parents: dict):
+    return shared_backend(config.backend, ctx.model_dir(parents["policy"]), config.dtype, config.tensor_parallel_size,
+                          batch_size=config.batch_size)
+
+
+SAMPLE = Stage("sample", None,
+               ("tasks.sample", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"),
+               shards=Shards(units=prompt_units, open=policy_backend,
+                             compute=sample_candidates, metrics=sample_metrics,
+                             work=lambda prompts, config: len(prompts) * config.n, unit="samples"))
 sample_task = stage_task(SAMPLE)

@@ -2,9 +2,12 @@
 commit, the Prefect task around it (cache key = artifact key, retries with
 backoff) and its report to the Prefect UI.
 
-A stage is a plain function ``compute(ctx, config, **parents) -> StageOutput``;
-``stage_task`` turns it into a cached, retryable Prefect task whose parameters
-are the run context, the stage config and parent ``ArtifactRef``s.
+A stage is a plain function ``compute(ctx, config, **parents) -> StageOutput``,
+or, for the model stages that scale out, ``Shards``: its input rows cut into
+shards of ``config.shard_size``, each computed (in this process, or on a Ray
+actor) into its own part file, and committed together. ``stage_task`` turns a
+stage into a cached, retryable Prefect task whose parameters are the run
+context, the stage config and parent ``ArtifactRef``s.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +58,7 @@ class RunContext(BaseModel):
 def run_context(config) -> RunContext:
     """Where a flow's stages read and write, and where they run (local or a Ray pool)."""
     paths = config.paths.resolved()
-    executor = getattr(config, "executor", "local")
+    executor = config.executor
     return RunContext(
         artifact_root=paths.artifact_root, model_cache=paths.model_cache,
         storage_options=config.storage.options(), executor=executor,
@@ -65,6 +69,7 @@ def run_context(config) -> RunContext:
 @dataclass
 class StageOutput:
     tables: list[pa.Table] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)  # receipts of part files the shards wrote
     dirs: dict[str, Path] = field(default_factory=dict)  # local directories copied into the artifact
     metrics: dict = field(default_factory=dict)
     scratch: Path | None = None  # a temporary directory removed once the artifact is committed
@@ -79,10 +84,31 @@ def code_version(*modules: str) -> str:
 
 
 @dataclass(frozen=True)
+class Shards:
+    """A stage computed shard by shard. ``units(ctx, config, parents)`` lists its
+    work in order (prompts, a prompt's candidates, pairs), read once by the
+    driver; shards are runs of ``config.shard_size`` units, so the part files
+    are the same wherever they run. ``open(ctx, config, parents)`` gives the
+    process's model (loaded once, shared by shards); ``compute(model, units,
+    config, progress)`` turns one shard's units into (output rows, the shard's
+    own metrics); ``metrics(rows, seconds)`` sums up every shard's rows and
+    compute time. ``work(units, config)`` is the progress a shard's units make,
+    in ``unit``s (a prompt's n samples, its comparisons, a pair's two sequences)."""
+
+    units: Callable[[RunContext, BaseModel, dict], list]
+    open: Callable[[RunContext, BaseModel, dict], object]
+    compute: Callable[[object, list, BaseModel, Callable | None], tuple[list[dict], dict]]
+    metrics: Callable[[list[dict], float], dict]
+    work: Callable[[list, BaseModel], int]
+    unit: str
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
-    compute: Callable[..., StageOutput]
+    compute: Callable[..., StageOutput] | None
     modules: tuple[str, ...]
+    shards: Shards | None = None
 
     def key(self, config: BaseModel, parents: dict[str, ArtifactRef]) -> str:
         ordered = [parents[name] for name in sorted(parents)]
@@ -96,10 +122,11 @@ class Stage:
             log.info("%s: cached %s", self.name, store.uri(self.name, key))
             return store.ref(self.name, key)
         started = time.perf_counter()
-        out = self.compute(ctx, config, key=key, **parents)
-        metrics = {**out.metrics, "seconds": round(time.perf_counter() - started, 3), "worker": _worker()}
+        out = self._compute_sharded(ctx, config, key, parents) if self.shards else \
+            self.compute(ctx, config, key=key, **parents)
+        metrics = {"worker": _worker(), **out.metrics, "seconds": round(time.perf_counter() - started, 3)}
         ref = store.commit(
-            self.name, key, tables=out.tables, local_dirs=out.dirs, parents=list(parents.values()),
+            self.name, key, tables=out.tables, shards=out.shards, local_dirs=out.dirs, parents=list(parents.values()),
             config=config.model_dump(mode="json"), code_version=code_version(*self.modules), metrics=metrics,
         )
         if out.scratch:
@@ -107,6 +134,76 @@ class Stage:
         publish_stage_report(self.name, ref, metrics, rows_in=_rows_in(store, parents))
         log.info("%s: committed %s", self.name, ref.uri)
         return ref
+
+    def _compute_sharded(self, ctx: RunContext, config: BaseModel, key: str, parents: dict) -> StageOutput:
+        """Every shard's part file, computing only those no earlier attempt wrote."""
+        store = ctx.store()
+        units = self.shards.units(ctx, config, parents)
+        shards = [units[i : i + config.shard_size] for i in range(0, len(units), config.shard_size)]
+        done = store.shard_receipts(self.name, key)
+        todo = {i: shard for i, shard in enumerate(shards) if i not in done}
+        progress = Progress(self.name, self.shards.work(units, config), unit=self.shards.unit, shards=len(shards))
+        progress(sum(done[i]["work"] for i in done), shards=len(done))
+        if done:
+            log.info("%s: %d of %d shards were written by an earlier attempt", self.name, len(done), len(shards))
+
+        def finished(receipt: dict) -> None:
+            done[receipt["index"]] = receipt
+            log.info("%s: shard %d/%d done on %s in %.1fs", self.name, receipt["index"] + 1, len(shards),
+                     receipt["worker"], receipt["seconds"])
+
+        retries = run_shards(self, ctx, config, key, parents, todo, progress, finished)
+        progress.close()
+        receipts = [done[i] for i in range(len(shards))]
+        rows = store.read_shards(self.name, key, receipts).to_pylist()
+        metrics = self.shards.metrics(rows, sum(r["seconds"] for r in receipts))
+        workers = sorted({r["worker"] for r in receipts})
+        return StageOutput(shards=receipts, metrics={
+            **metrics, "worker": ",".join(workers), "shards": len(shards), "shards_resumed": len(shards) - len(todo),
+            "shard_retries": retries})
+
+    def compute_shard(self, ctx: RunContext, config: BaseModel, key: str, index: int, units: list, parents: dict,
+                      progress=None) -> dict:
+        """One shard, in the process that runs it: its rows become a part file of the
+        artifact. The receipt records the torch threads: on CPU, float sums split
+        over a different number of threads differ in the last bits."""
+        import torch
+
+        model = self.shards.open(ctx, config, parents)
+        started = time.perf_counter()
+        rows, _ = self.shards.compute(model, units, config, progress)
+        seconds = round(time.perf_counter() - started, 3)
+        return ctx.store().write_shard(self.name, key, index, pa.Table.from_pylist(rows),
+                                       work=self.shards.work(units, config), seconds=seconds, worker=_worker(),
+                                       torch_threads=torch.get_num_threads())
+
+
+def run_shards(stage: Stage, ctx: RunContext, config: BaseModel, key: str, parents: dict, todo: dict[int, list],
+               progress: "Progress", finished: Callable[[dict], None]) -> int:
+    """Compute the ``todo`` shards in order here, or over the Ray pool's replicas;
+    returns how many shard attempts were retried after their actor died."""
+    if ctx.executor == "ray":
+        from workers.ray_pool import pool
+
+        return pool(ctx.ray).map_shards(stage, ctx, config, key, parents, todo, progress, finished)
+    for index, units in todo.items():
+        receipt = stage.compute_shard(ctx, config, key, index, units, parents, progress)
+        progress(0, shards=1)
+        finished(receipt)
+    return 0
+
+
+def release_workers(*_hook_args) -> None:
+    """Give back this process's loaded model and its Ray actors. Every flow runs it
+    when it ends, however it ends (``RELEASE_HOOKS``)."""
+    from workers.backend import release_backends
+
+    release_backends()
+    if "workers.ray_pool" in sys.modules:  # only a run that used Ray has pools (and Ray imported)
+        sys.modules["workers.ray_pool"].release_pools()
+
+
+RELEASE_HOOKS = {hook: [release_workers] for hook in ("on_completion", "on_failure", "on_crashed", "on_cancellation")}
 
 
 def _worker() -> str:
@@ -129,7 +226,7 @@ def stage_task(stage: Stage, retries: int = 2):
 
     def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
         fail_once_if_asked(stage.name)
-        if ctx.executor == "ray":
+        if ctx.executor == "ray" and not stage.shards:  # a sharded stage sends its shards to the pool itself
             from workers.ray_pool import run_on_ray
 
             return run_on_ray(stage, ctx, config, parents)
@@ -143,8 +240,8 @@ def stage_task(stage: Stage, retries: int = 2):
     )
 
 
-# Bad input fails the same way every time: retrying it only delays the error.
-BAD_INPUT = (ValueError, LookupError, ArtifactError, FileNotFoundError)
+# Bad input (and a missing optional extra) fails the same way every time: retrying it only delays the error.
+BAD_INPUT = (ValueError, LookupError, ArtifactError, FileNotFoundError, ImportError)
 
 
 def fail_once_if_asked(stage: str) -> None:
@@ -179,28 +276,39 @@ def publish_stage_report(stage: str, ref: ArtifactRef, metrics: dict, rows_in: i
 
 
 class Progress:
-    """A tqdm bar on the terminal and, inside a Prefect task, a progress artifact."""
+    """A tqdm bar on the terminal and, inside a Prefect task, a progress artifact;
+    a sharded stage's bar and artifact also count its shards."""
 
-    def __init__(self, stage: str, total: int, unit: str = "rows"):
+    def __init__(self, stage: str, total: int, unit: str = "rows", shards: int | None = None):
         from tqdm.auto import tqdm
 
+        self.stage = stage
         self.bar = tqdm(total=total, desc=stage, unit=unit, leave=False)
         self.total = max(total, 1)
         self.done = 0
+        self.shards, self.shards_done = shards, 0
         self.artifact_id = None
         self.last_push = 0.0
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(0.0, description=f"{stage} progress")
+            self.artifact_id = create_progress_artifact(0.0, description=self.description())
 
-    def __call__(self, n: int) -> None:
+    def description(self) -> str:
+        if self.shards is None:
+            return f"{self.stage} progress"
+        return f"{self.stage}: {self.shards_done}/{self.shards} shards"
+
+    def __call__(self, n: int, shards: int = 0) -> None:
         self.bar.update(n)
         self.done += n
-        if self.artifact_id and (time.monotonic() - self.last_push > 2 or self.done >= self.total):
+        self.shards_done += shards
+        if shards:
+            self.bar.set_postfix_str(f"shards {self.shards_done}/{self.shards}")
+        if self.artifact_id and (shards or time.monotonic() - self.last_push > 2 or self.done >= self.total):
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total, description=self.description())
             self.last_push = time.monotonic()
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from alignflow.config import TrainConfig
 from storage.artifacts import ArtifactRef, ArtifactStore
 from tasks.stage import Progress, RunContext, StageOutput
+from workers.backend import release_backends
 from workers.models import load_causal_lm
 
 log = logging.getLogger("alignflow")
@@ -279,6 +280,7 @@ def make_engine(model, config: TrainConfig):
 
 def prepare_model(model_dir: Path, config: TrainConfig):
     """(model in train mode, tokenizer): float32, with LoRA adapters unless full fine-tune."""
+    release_backends()  # the device goes to training: a sampling model kept loaded would share it
     model, tokenizer = load_causal_lm(model_dir, "float32")
     if config.gradient_checkpointing:
         # Non-reentrant: with LoRA no input of a checkpointed block requires grad (the embeddings are frozen).

@@ -1,9 +1,9 @@
 """The interface every model backend implements (hf, vllm), and the one place a
-stage gets its backend from (``open_backend``)."""
+stage gets its backend from (``shared_backend``)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import gc
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -46,25 +46,52 @@ class Backend(Protocol):
         """Summed float32 log-probs of each response given its prompt."""
 
 
-@contextmanager
-def open_backend(kind: str, model_dir: Path, dtype: str = "float32", tensor_parallel_size: int = 1,
-                 batch_size: int = 16, token_budget: int = 4096) -> Iterator[Backend]:
-    """The backend a stage config names, released when the stage is done, so that
-    a vLLM engine never outlives its stage. ``batch_size`` and ``token_budget``
+_loaded: dict[tuple, Backend] = {}  # this process's one loaded inference model
+_loaded_lock = threading.Lock()
+
+
+def shared_backend(kind: str, model_dir: Path, dtype: str = "float32", tensor_parallel_size: int = 1,
+                   batch_size: int = 16, token_budget: int = 4096) -> Backend:
+    """The backend a stage config names, loaded once per process: every shard and
+    every later stage that asks for the same model reuses it (a Ray actor serves a
+    whole flow run's shards from one load). A process holds one model at a time:
+    asking for another releases the first. ``batch_size`` and ``token_budget``
     size hf's batches; vLLM schedules its own."""
+    if kind not in ("hf", "vllm"):
+        raise ValueError(f"unknown backend {kind!r}; expected hf or vllm")
+    if kind == "hf" and tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs backend: vllm; hf runs on one device")
+    identity = (kind, str(Path(model_dir).resolve()), dtype, tensor_parallel_size)
+    with _loaded_lock:
+        if identity not in _loaded:
+            _release_loaded()
+            _loaded[identity] = _load(kind, Path(model_dir), dtype, tensor_parallel_size)
+        backend = _loaded[identity]
     if kind == "hf":
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs backend: vllm; hf runs on one device")
+        backend.batch_size, backend.token_budget = batch_size, token_budget
+    return backend
+
+
+def _load(kind: str, model_dir: Path, dtype: str, tensor_parallel_size: int) -> Backend:
+    if kind == "hf":
         from workers.hf import HFBackend
 
-        yield HFBackend(model_dir, dtype=dtype, batch_size=batch_size, token_budget=token_budget)
-    elif kind == "vllm":
-        from workers.vllm import VLLMBackend
+        return HFBackend(model_dir, dtype=dtype)
+    from workers.vllm import VLLMBackend
 
-        backend = VLLMBackend(model_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
-        try:
-            yield backend
-        finally:
+    return VLLMBackend(model_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
+
+
+def release_backends() -> None:
+    """Free the process's loaded model (a vLLM engine's process and memory too):
+    before training needs the device, and when a flow run ends."""
+    with _loaded_lock:
+        _release_loaded()
+
+
+def _release_loaded() -> None:
+    while _loaded:
+        backend = _loaded.popitem()[1]
+        if hasattr(backend, "close"):
             backend.close()
-    else:
-        raise ValueError(f"unknown backend {kind!r}; expected hf or vllm")
+    gc.collect()

@@ -1,8 +1,9 @@
 """The vLLM backend: the same interface as ``hf`` (workers/backend.py) on a vLLM engine.
 
 One engine per backend object, created in the constructor and shut down by
-``close()`` (``open_backend`` does it when the stage ends), so two stages never
-hold two engines at once. ``vllm`` is imported here lazily: it is an optional
+``close()``: ``shared_backend`` keeps one per process, serving every shard and
+stage that asks for the same model, and closes it before loading another, so a
+process never holds two engines at once. ``vllm`` is imported here lazily: it is an optional
 extra, and stage keys hash this module's source in venvs without it.
 
 vLLM starts its engine in a spawned process that re-imports the caller's main
@@ -38,6 +39,9 @@ class VLLMBackend:
             # CUDA graphs pay off on GPUs; on CPU, torch.compile adds over a minute to each engine start
             enforce_eager=not torch.cuda.is_available(),
             logprobs_mode="raw_logprobs", max_logprobs=-1,  # -1: up to the whole vocabulary, like hf's top-k
+            # tensor-parallel workers as local processes on the devices this process sees (inside a Ray
+            # actor vLLM would otherwise ask Ray for GPUs its own replica already holds)
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 

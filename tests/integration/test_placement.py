@@ -56,8 +56,10 @@ def test_a_tensor_parallel_group_of_four_lands_on_one_node_with_four_devices(two
         group.release()
     assert len({r["node_id"] for r in ranks}) == 1
     assert [len(r["gpu_ids"]) for r in ranks] == [1, 1, 1, 1]
-    devices = [r["cuda_visible_devices"] for r in ranks]
-    assert len(set(devices)) == 4 and devices == [r["gpu_ids"][0] for r in ranks]  # Ray's assignment, unshared
+    own = [r["gpu_ids"][0] for r in ranks]
+    assert len(set(own)) == 4  # Ray's assignment: four distinct devices, none shared with another replica
+    assert [r["cuda_visible_devices"] for r in ranks[1:]] == own[1:]
+    assert ranks[0]["cuda_visible_devices"] == ",".join(own)  # rank 0's engine spans the replica's four
 
 
 def test_two_replicas_of_eight_land_on_different_nodes(two_gpu_nodes):
@@ -68,7 +70,7 @@ def test_two_replicas_of_eight_land_on_different_nodes(two_gpu_nodes):
         group.release()
     nodes = [{r["node_id"] for r in ranks} for ranks in replicas]
     assert all(len(n) == 1 for n in nodes) and nodes[0] != nodes[1]
-    assert all(len({r["cuda_visible_devices"] for r in ranks}) == 8 for ranks in replicas)
+    assert all(len({r["gpu_ids"][0] for r in ranks}) == 8 for ranks in replicas)
 
 
 def test_replicas_that_fit_on_one_node_are_still_spread_over_nodes(two_gpu_nodes):

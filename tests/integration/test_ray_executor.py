@@ -1,24 +1,32 @@
 """executor: ray on a real local Ray cluster: stages run in actor processes, give
-the same artifacts as the local executor, and a stage whose actor dies is
-retried on a fresh actor."""
+the same artifacts as the local executor (sharded stages part file by part
+file), and a shard or stage whose actor dies is retried on a fresh actor."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from alignflow.config import GemConfig, GeniesConfig, Strict  # noqa: E402
-from conftest import gem_config_data  # noqa: E402
+from alignflow.config import GemConfig, GeniesConfig, SampleConfig, SelfImproveConfig, Strict  # noqa: E402
+from conftest import gem_config_data, tiny_config_data  # noqa: E402
 from storage.artifacts import ArtifactStore  # noqa: E402
+from tasks.base_model import base_model_ref  # noqa: E402
+from tasks.prompts import PROMPTS, prompt_source  # noqa: E402
+from tasks.sample import SAMPLE  # noqa: E402
 from tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
-from workers.ray_pool import ActorPool  # noqa: E402
+from workers.ray_pool import ActorPool, pool, release_pools  # noqa: E402
 
 RAY = {"replicas": 2, "cpus_per_replica": 0.5}
+# small shards, so every sharded stage spreads over both replicas
+SHARDED = {"sample__shard_size": 2, "judge__shard_size": 2, "logprobs__shard_size": 3}
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +99,98 @@ def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
     ref = pool.run(stage, ctx, _Marker(marker=str(tmp_path / "died")), {})
     assert (tmp_path / "died").exists()
     assert ArtifactStore(ctx.artifact_root).read_rows(ref) == [{"x": 1}]
+
+
+def _stage_artifacts(root: Path) -> dict[str, dict]:
+    """stage -> manifest of the run's artifacts (one round: one per stage)."""
+    return {m["stage"]: m for m in ArtifactStore(str(root)).list()}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The actors run one torch thread (Ray sets OMP_NUM_THREADS from their CPUs);
+    float sums split over another number of threads differ in the last bits, so
+    the local side of a bitwise comparison runs one too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_self_improve_on_ray_gives_the_local_artifacts_part_for_part(ray_cluster, one_torch_thread, tiny_model_dir,
+                                                                    tmp_path):
+    from flows.self_improve import self_improve
+
+    data = tiny_config_data(tiny_model_dir, tmp_path / "ray", **SHARDED) | {"executor": "ray", "ray": RAY}
+    self_improve(config=SelfImproveConfig.model_validate(data))
+    local_data = tiny_config_data(tiny_model_dir, tmp_path / "local", **SHARDED)
+    self_improve(config=SelfImproveConfig.model_validate(local_data))
+
+    on_ray, local = _stage_artifacts(tmp_path / "ray" / "artifacts"), _stage_artifacts(tmp_path / "local" / "artifacts")
+    for stage in ("sample", "judge", "logprobs", "train_dpo"):
+        assert on_ray[stage]["key"] == local[stage]["key"], stage  # same inputs all the way down
+        assert on_ray[stage]["content_hash"] == local[stage]["content_hash"], stage
+    for stage, shards in (("sample", 3), ("judge", 3), ("logprobs", None)):
+        metrics = on_ray[stage]["metrics"]
+        assert len(on_ray[stage]["parts"]) == metrics["shards"] == local[stage]["metrics"]["shards"]
+        assert shards is None or metrics["shards"] == shards  # 6 prompts in shards of 2
+        workers = metrics["worker"].split(",")
+        assert all(not w.endswith(f":{os.getpid()}") for w in workers)
+        if metrics["shards"] > 1:
+            assert len(workers) == 2, (stage, workers)  # both replicas took shards
+    assert local["sample"]["metrics"]["worker"].endswith(f":{os.getpid()}")
+    assert not list((tmp_path / "ray").glob("**/_manifest.json.*.tmp"))
+
+
+def _sample_inputs(ctx: RunContext, tiny_model_dir) -> dict:
+    return {"policy": base_model_ref(str(tiny_model_dir), ctx.model_cache),
+            "prompts": PROMPTS.run(ctx, prompt_source("builtin:demo", 12))}
+
+
+def test_killed_actor_mid_stage_gives_the_same_artifact(ray_cluster, one_torch_thread, tiny_model_dir, tmp_path):
+    """SIGKILL one actor while the sample stage's shards are running: its shard
+    is retried on a restarted actor and the artifact equals an uninterrupted run."""
+    config = SampleConfig(n=2, max_new_tokens=24, temperature=1.0, top_p=1.0, batch_size=4, shard_size=1)
+    local = RunContext(artifact_root=str(tmp_path / "local"), model_cache=str(tmp_path / "models"))
+    uninterrupted = SAMPLE.run(local, config, **_sample_inputs(local, tiny_model_dir))
+
+    settings = {"address": None, "replicas": 2, "gpus_per_replica": 0, "cpus_per_replica": 0.5,
+                "spread": True, "placement_timeout_s": 60.0, "shard_retries": 2}
+    ctx = RunContext(artifact_root=str(tmp_path / "ray"), model_cache=str(tmp_path / "models"), executor="ray",
+                     ray=settings)
+    inputs = _sample_inputs(ctx, tiny_model_dir)
+    victim = pool(settings).replicas[0].where()[0]["pid"]
+    result = {}
+    stage = threading.Thread(target=lambda: result.update(ref=SAMPLE.run(ctx, config, **inputs)))
+    stage.start()
+    receipts = Path(ctx.artifact_root) / "sample"
+    while not list(receipts.glob("*/_shards/*.json")) and stage.is_alive():
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)  # a shard is done, the other 11 are queued or running
+    stage.join(timeout=600)
+    release_pools()
+
+    ref = result["ref"]
+    manifest = ArtifactStore(ctx.artifact_root).manifest(ref.stage, ref.key)
+    assert manifest["metrics"]["shard_retries"] >= 1
+    assert ref.key == uninterrupted.key and ref.content_hash == uninterrupted.content_hash
+    assert len(manifest["parts"]) == 12
+
+
+def test_a_stage_resumes_from_the_shards_an_earlier_attempt_wrote(tiny_model_dir, tmp_path):
+    """The driver dies after every shard is written but before the commit: the
+    next attempt commits those part files without computing a shard."""
+    config = SampleConfig(n=2, max_new_tokens=6, batch_size=4, shard_size=4)
+    ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
+    inputs = _sample_inputs(ctx, tiny_model_dir)
+    first = SAMPLE.run(ctx, config, **inputs)
+    manifest_path = Path(ctx.artifact_root) / "sample" / first.key / "_manifest.json"
+    before = json.loads(manifest_path.read_text())
+    manifest_path.unlink()
+
+    again = SAMPLE.run(ctx, config, **inputs)
+    after = json.loads(manifest_path.read_text())
+    assert again == first and after["parts"] == before["parts"]
+    assert after["metrics"]["shards_resumed"] == after["metrics"]["shards"] == 3

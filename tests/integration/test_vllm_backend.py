@@ -23,7 +23,7 @@ from storage.artifacts import ArtifactStore
 from tasks.judge import judge_candidates
 from tasks.logprobs import reference_logprobs
 from tasks.prompts import read_prompt_rows
-from workers.backend import GenerationParams, open_backend
+from workers.backend import GenerationParams, release_backends, shared_backend
 from workers.chat import prompt_ids
 from workers.hf import HFBackend
 from workers.models import resolve_model_dir
@@ -66,8 +66,8 @@ def max_token_gap(a: list[list[float]], b: list[list[float]]) -> float:
 # down when the class is done, before the flow test starts engines of its own.
 @pytest.fixture(scope="class")
 def vllm(smollm2_dir):
-    with open_backend("vllm", smollm2_dir, "float32") as backend:
-        yield backend
+    yield shared_backend("vllm", smollm2_dir, "float32")
+    release_backends()
 
 
 @pytest.fixture(scope="class")
@@ -159,11 +159,10 @@ class TestOnSmolLM2:
 def test_backend_choices_are_checked_before_a_model_loads(tmp_path):
     with pytest.raises(ValidationError, match="sample.cot needs backend: hf"):
         SampleConfig(cot=True, backend="vllm")
-    with (pytest.raises(ValueError, match="tensor_parallel_size=2 needs backend: vllm"),
-          open_backend("hf", tmp_path, tensor_parallel_size=2)):
-        pass
-    with pytest.raises(ValueError, match="unknown backend 'tgi'"), open_backend("tgi", tmp_path):
-        pass
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs backend: vllm"):
+        shared_backend("hf", tmp_path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="unknown backend 'tgi'"):
+        shared_backend("tgi", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +202,9 @@ def test_one_self_improvement_round_with_backend_vllm(tiny_vllm_model_dir, tmp_p
 
     # the flow's reference log-probs, recomputed by hf from the same token ids
     with_reference = store.read_rows(refs["logprobs"])
-    with open_backend("hf", tiny_vllm_model_dir) as hf:
-        responses = [r["chosen_ids"] for r in with_reference] + [r["rejected_ids"] for r in with_reference]
-        sums = hf.sequence_logprobs([r["prompt_ids"] for r in with_reference] * 2, responses)
+    hf = HFBackend(tiny_vllm_model_dir)
+    responses = [r["chosen_ids"] for r in with_reference] + [r["rejected_ids"] for r in with_reference]
+    sums = hf.sequence_logprobs([r["prompt_ids"] for r in with_reference] * 2, responses)
     n = len(with_reference)
     assert [r["chosen_logp"] for r in with_reference] == pytest.approx(sums[:n], abs=1e-3)
     assert [r["rejected_logp"] for r in with_reference] == pytest.approx(sums[n:], abs=1e-3)
