@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--root")
     show.add_argument("--rows", type=int, default=5)
     show.set_defaults(handler=_artifacts_show)
+    progress = art_sub.add_parser("progress", help="sharded stages still running (or stopped): shards written so far")
+    progress.add_argument("--root")
+    progress.set_defaults(handler=_artifacts_progress)
 
     from deployments.deploy import WORK_POOL
 
@@ -209,6 +212,16 @@ def _artifacts_show(args) -> int:
     if manifest["parts"]:
         for row in store.read_table(ref).slice(0, args.rows).to_pylist():
             print(json.dumps({k: _short(v) for k, v in row.items()}, ensure_ascii=False))
+    return 0
+
+
+def _artifacts_progress(args) -> int:
+    running = _store(args.root).in_progress()
+    if not running:
+        print("no sharded stage is in progress (every started one is committed)")
+    for p in running:
+        print(f"{p['stage']:<12} {p['key']:<22} {p['shards_done']}/{p['shards']} shards  "
+              f"{p['work_done']}/{p['work']} {p['unit']}")
     return 0
 
 

@@ -7,8 +7,8 @@ manifest: not committed, never read. Two writers of the same key write their
 own part files (unique names) and each commits a manifest naming only its own
 files, so whichever manifest lands last describes an intact artifact.
 
-A sharded stage writes one part file per shard as each shard finishes, with a
-receipt under ``_shards/``; the manifest that commits them comes only when every
+A sharded stage writes its plan (how many shards) and then one part file per
+shard as each shard finishes, with a receipt, under ``_shards/``; the manifest that commits them comes only when every
 shard is in. A retried stage finds the receipts and computes only the missing
 shards. The content hash ignores the writer ids in file names, so the same rows
 hash the same however many processes wrote them.
@@ -232,13 +232,29 @@ class ArtifactStore:
         """Write shard ``index``'s part file and its receipt (``info`` rides along: who
         computed it, how long it took); the artifact stays uncommitted."""
         receipt = {"index": index, **self._write_part(stage, key, index, table, uuid.uuid4().hex[:10]), **info}
-        self._write_atomic(self._path(stage, key, SHARDS, f"{index:05d}.json"), json.dumps(receipt).encode())
+        self._write_atomic(self._path(stage, key, SHARDS, f"shard-{index:05d}.json"), json.dumps(receipt).encode())
         return receipt
+
+    def plan_shards(self, stage: str, key: str, **plan) -> None:
+        """Record what a sharded stage is about to compute (shards, work, unit), for ``in_progress``."""
+        self._write_atomic(self._path(stage, key, SHARDS, "plan.json"), json.dumps(plan).encode())
+
+    def in_progress(self) -> list[dict]:
+        """Sharded stages started and not committed: their plan and the shards written so far."""
+        out = []
+        for path in sorted(self.fs.glob(f"{self._root_path}/*/*/{SHARDS}/plan.json")):
+            stage, key = path.split("/")[-4:-2]
+            if self.is_committed(stage, key):
+                continue
+            receipts = self.shard_receipts(stage, key).values()
+            out.append({"stage": stage, "key": key, **json.loads(self.read_bytes(path)),
+                        "shards_done": len(receipts), "work_done": sum(r["work"] for r in receipts)})
+        return out
 
     def shard_receipts(self, stage: str, key: str) -> dict[int, dict]:
         """The shards an earlier, unfinished attempt at this artifact already wrote."""
         receipts = {}
-        for path in self.fs.glob(self._path(stage, key, SHARDS, "*.json")):
+        for path in self.fs.glob(self._path(stage, key, SHARDS, "shard-*.json")):
             receipt = json.loads(self.read_bytes(path))
             if self.fs.exists(self._path(stage, key, receipt["part"])):
                 receipts[receipt["index"]] = receipt

@@ -142,7 +142,9 @@ class Stage:
         shards = [units[i : i + config.shard_size] for i in range(0, len(units), config.shard_size)]
         done = store.shard_receipts(self.name, key)
         todo = {i: shard for i, shard in enumerate(shards) if i not in done}
-        progress = Progress(self.name, self.shards.work(units, config), unit=self.shards.unit, shards=len(shards))
+        work = self.shards.work(units, config)
+        store.plan_shards(self.name, key, shards=len(shards), work=work, unit=self.shards.unit)
+        progress = Progress(self.name, work, unit=self.shards.unit, shards=len(shards))
         progress(sum(done[i]["work"] for i in done), shards=len(done))
         if done:
             log.info("%s: %d of %d shards were written by an earlier attempt", self.name, len(done), len(shards))

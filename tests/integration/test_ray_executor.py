@@ -15,6 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from alignflow.cli import main  # noqa: E402
 from alignflow.config import GemConfig, GeniesConfig, SampleConfig, SelfImproveConfig, Strict  # noqa: E402
 from conftest import gem_config_data, tiny_config_data  # noqa: E402
 from storage.artifacts import ArtifactStore  # noqa: E402
@@ -179,7 +180,7 @@ def test_killed_actor_mid_stage_gives_the_same_artifact(ray_cluster, one_torch_t
     assert len(manifest["parts"]) == 12
 
 
-def test_a_stage_resumes_from_the_shards_an_earlier_attempt_wrote(tiny_model_dir, tmp_path):
+def test_a_stage_resumes_from_the_shards_an_earlier_attempt_wrote(tiny_model_dir, tmp_path, capsys):
     """The driver dies after every shard is written but before the commit: the
     next attempt commits those part files without computing a shard."""
     config = SampleConfig(n=2, max_new_tokens=6, batch_size=4, shard_size=4)
@@ -189,8 +190,12 @@ def test_a_stage_resumes_from_the_shards_an_earlier_attempt_wrote(tiny_model_dir
     manifest_path = Path(ctx.artifact_root) / "sample" / first.key / "_manifest.json"
     before = json.loads(manifest_path.read_text())
     manifest_path.unlink()
+    assert main(["artifacts", "progress", "--root", ctx.artifact_root]) == 0
+    assert f"sample       {first.key}   3/3 shards  24/24 samples" in capsys.readouterr().out
 
     again = SAMPLE.run(ctx, config, **inputs)
     after = json.loads(manifest_path.read_text())
     assert again == first and after["parts"] == before["parts"]
     assert after["metrics"]["shards_resumed"] == after["metrics"]["shards"] == 3
+    assert main(["artifacts", "progress", "--root", ctx.artifact_root]) == 0
+    assert "no sharded stage is in progress" in capsys.readouterr().out

@@ -209,3 +209,38 @@ def test_artifact_key_is_stable_and_sensitive_to_its_inputs():
 def test_artifact_key_parent_order_matters():
     p1, p2 = _parent("1" * 64), _parent("2" * 64)
     assert artifact_key("pairs", {}, [p1, p2], "v") != artifact_key("pairs", {}, [p2, p1], "v")
+
+
+# -- shards ------------------------------------------------------------------------
+def test_shards_written_by_many_writers_commit_to_the_one_writer_artifact(tmp_path):
+    """Part files from separate writers (Ray actors), in any order, hash like one writer's commit."""
+    store = ArtifactStore(str(tmp_path))
+    store.plan_shards("sample", "k1", shards=2, work=5, unit="rows")
+    second = store.write_shard("sample", "k1", 1, _table([4, 5]), work=2)
+    first = store.write_shard("sample", "k1", 0, pa.table({"id": [1, 2, 3], "text": [None, None, None]}), work=3)
+    assert not store.is_committed("sample", "k1")
+    assert [(p["stage"], p["shards_done"], p["work_done"]) for p in store.in_progress()] == [("sample", 2, 5)]
+
+    ref = store.commit("sample", "k1", shards=[first, second])
+    assert store.in_progress() == []
+    assert store.read_rows(ref)[2:] == [{"id": 3, "text": None}, {"id": 4, "text": "row 4"}, {"id": 5, "text": "row 5"}]
+    one_writer = store.commit("sample", "k2", tables=[pa.table({"id": [1, 2, 3], "text": [None, None, None]}),
+                                                      _table([4, 5])])
+    assert ref.content_hash == one_writer.content_hash
+    assert store.manifest("sample", "k1")["parts"] == [first["part"], second["part"]]
+
+
+def test_a_receipt_whose_part_file_is_gone_is_not_a_written_shard(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    kept = store.write_shard("sample", "k1", 0, _table([1]), work=1)
+    lost = store.write_shard("sample", "k1", 1, _table([2]), work=1)
+    (tmp_path / "sample" / "k1" / lost["part"]).unlink()
+    assert store.shard_receipts("sample", "k1") == {0: kept}
+
+
+def test_a_tampered_shard_is_caught_before_it_is_committed(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    receipt = store.write_shard("sample", "k1", 0, _table([1, 2]), work=2)
+    pq.write_table(_table([9, 9]), tmp_path / "sample" / "k1" / receipt["part"])
+    with pytest.raises(ArtifactError, match="content hash does not match the shard receipt"):
+        store.read_shards("sample", "k1", [receipt])
