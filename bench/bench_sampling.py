@@ -42,6 +42,22 @@ def _length_to_stop(tokens: list[int], stops: list[int]) -> int:
     return next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
 
 
+def hf_against_generate(backend: HFBackend, prompts: list[list[int]], params: GenerationParams, repeats: int) -> dict:
+    """Tokens/s of the hf backend and of plain ``generate``, interleaved so drift on the machine hits both."""
+    seeds = list(range(len(prompts)))
+    torch.manual_seed(0)
+    plain_generate(backend, prompts[:1], params)  # warm-up both paths
+    backend.generate(prompts[:1], params, seeds[:1])
+    ours, theirs = [], []
+    for _ in range(repeats):
+        completions, seconds = timed(lambda: backend.generate(prompts, params, seeds))
+        ours.append(sum(len(c.token_ids) for samples in completions for c in samples) / seconds)
+        tokens, seconds = timed(lambda: plain_generate(backend, prompts, params))
+        theirs.append(tokens / seconds)
+    return {"alignflow_tok_s": [round(x, 1) for x in ours], "generate_tok_s": [round(x, 1) for x in theirs],
+            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}
+
+
 def main() -> None:
     p = sampling_parser(__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=16)
@@ -52,19 +68,8 @@ def main() -> None:
                         batch_size=args.batch_size)
     prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
     params = GenerationParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
-    seeds = list(range(len(prompts)))
-    torch.manual_seed(0)
-    plain_generate(backend, prompts[:1], params)  # warm-up both paths
-    backend.generate(prompts[:1], params, seeds[:1])
-    ours, theirs = [], []
-    for _ in range(args.repeats):  # interleaved, so drift on the machine hits both
-        completions, seconds = timed(lambda: backend.generate(prompts, params, seeds))
-        ours.append(sum(len(c.token_ids) for samples in completions for c in samples) / seconds)
-        tokens, seconds = timed(lambda: plain_generate(backend, prompts, params))
-        theirs.append(tokens / seconds)
     print(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "rows": len(prompts) * args.n,
-                      "alignflow_tok_s": [round(x, 1) for x in ours], "generate_tok_s": [round(x, 1) for x in theirs],
-                      "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}, indent=1))
+                      **hf_against_generate(backend, prompts, params, args.repeats)}, indent=1))
 
 
 if __name__ == "__main__":

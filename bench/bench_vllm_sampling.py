@@ -1,7 +1,10 @@
-"""Sampling throughput with the vllm backend: the sample stage's work (chat
-rendering, prompt fitting, ``VLLMBackend.generate`` with per-token log-probs,
-the candidate rows) versus one bare ``LLM.generate`` call, in one run on one
-engine, with the same prompts, n, sampling settings and precision.
+"""Sampling throughput of both backends against their bare baselines, in one run
+on the same prompts, n, sampling settings and precision: the vllm backend
+doing the sample stage's work (chat rendering, prompt fitting,
+``VLLMBackend.generate`` with per-token log-probs, the candidate rows) versus
+one bare ``LLM.generate`` call on the same engine; then, with the engine shut
+down, the hf backend versus plain batched ``model.generate``
+(bench_sampling.py).
 
 The bare call asks for no log-probs and gets the prompts as token ids, as a plain
 script would. Tokens/s counts generated tokens up to and including each row's
@@ -18,9 +21,13 @@ from importlib import resources
 
 from benchlib import demo_prompt_ids, sampling_parser, timed
 
+from bench_sampling import hf_against_generate
+
 from alignflow.config import SampleConfig, alignflow_home
 from tasks.prompts import read_prompt_rows
 from tasks.sample import sample_candidates
+from workers.backend import GenerationParams
+from workers.hf import HFBackend
 from workers.models import resolve_model_dir
 from workers.vllm import VLLMBackend
 
@@ -39,9 +46,11 @@ def main() -> None:
     p = sampling_parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16, help="the hf side's batch size")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    backend = VLLMBackend(resolve_model_dir(args.model, alignflow_home() / "models"), dtype=args.dtype)
+    model_dir = resolve_model_dir(args.model, alignflow_home() / "models")
+    backend = VLLMBackend(model_dir, dtype=args.dtype)
     rows = read_prompt_rows(resources.files("alignflow") / "data" / "demo_prompts.jsonl")[: args.prompts]
     prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
     config = SampleConfig(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
@@ -55,10 +64,13 @@ def main() -> None:
         tokens, seconds = timed(lambda: bare_generate(backend, prompts, config))
         theirs.append(tokens / seconds)
     backend.close()
-    print(json.dumps({"dtype": args.dtype, "rows": len(prompts) * args.n,
-                      "alignflow_tok_s": [round(x, 1) for x in ours],
-                      "llm_generate_tok_s": [round(x, 1) for x in theirs],
-                      "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}, indent=1))
+    vllm = {"alignflow_tok_s": [round(x, 1) for x in ours], "llm_generate_tok_s": [round(x, 1) for x in theirs],
+            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}
+    hf = HFBackend(model_dir, dtype=args.dtype, batch_size=args.batch_size)
+    params = GenerationParams(n=args.n, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=args.max_new_tokens)
+    print(json.dumps({"dtype": args.dtype, "rows": len(prompts) * args.n, "vllm": vllm,
+                      "hf": hf_against_generate(hf, prompts, params, args.repeats)}, indent=1))
 
 
 if __name__ == "__main__":
