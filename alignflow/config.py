@@ -129,7 +129,7 @@ class JudgeConfig(Strict):
     max_prompt_tokens: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1)
     dtype: Dtype = "float32"
-    shard_size: int = Field(8, ge=1, description="prompts (with all their comparisons) per shard")
+    shard_size: int = Field(32, ge=1, description="prompts (with all their comparisons) per shard")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
