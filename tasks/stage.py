@@ -157,6 +157,7 @@ class Stage:
         retries = run_shards(self, ctx, config, key, parents, todo, progress, finished)
         progress.close()
         receipts = [done[i] for i in range(len(shards))]
+        # read back, checked against the receipts: the metrics cover every shard, wherever it ran
         rows = store.read_shards(self.name, key, receipts).to_pylist()
         metrics = self.shards.metrics(rows, sum(r["seconds"] for r in receipts))
         workers = sorted({r["worker"] for r in receipts})
