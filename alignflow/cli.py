@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     progress.add_argument("--root")
     progress.set_defaults(handler=_artifacts_progress)
 
-    from deployments.deploy import WORK_POOL
+    from alignflow.deployments.deploy import WORK_POOL
 
     deploy = sub.add_parser("deploy", help="create or update the Prefect deployments (needs PREFECT_API_URL)")
     deploy.add_argument("--pool", default=WORK_POOL, help="work pool; a process pool is created if absent")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--home", help="override $ALIGNFLOW_HOME (where a run without a deployment ran)")
     resume.set_defaults(handler=_resume)
 
-    from genies.cli import add_commands
+    from alignflow.genies.cli import add_commands
 
     add_commands(sub)
     return p
@@ -93,7 +93,7 @@ def _run(args) -> int:
     from alignflow.runtime import configure_environment
 
     log_file = configure_environment(paths)
-    from flows import FLOWS, SUMMARIES
+    from alignflow.flows import FLOWS, SUMMARIES
 
     summary = FLOWS[args.flow](config=config)
     if args.json:
@@ -105,7 +105,7 @@ def _run(args) -> int:
 
 
 def _deploy(args) -> int:
-    from deployments.deploy import deploy, require_server
+    from alignflow.deployments.deploy import deploy, require_server
 
     require_server()
     configs = {}
@@ -122,7 +122,7 @@ def _deploy(args) -> int:
 
 def _worker(args) -> int:
     """`prefect worker start` in this process: its flow runs import the installed alignflow."""
-    from deployments.deploy import require_server
+    from alignflow.deployments.deploy import require_server
 
     require_server()
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--limit", str(args.limit)]
@@ -171,7 +171,7 @@ def _finished_flow_run(client, run_id):
 
 
 def _registered_flow(name: str):
-    from flows import FLOWS
+    from alignflow.flows import FLOWS
 
     if name not in FLOWS:
         raise LookupError(f"flow '{name}' is not one of alignflow's: {', '.join(FLOWS)}")
@@ -181,7 +181,7 @@ def _registered_flow(name: str):
 def _run_here(flow, run) -> int:
     from prefect.flow_engine import run_flow
 
-    from flows import SUMMARIES
+    from alignflow.flows import SUMMARIES
 
     state = run_flow(flow=flow, flow_run=run, parameters=flow.validate_parameters(run.parameters), return_type="state")
     if not state.is_completed():
@@ -191,7 +191,7 @@ def _run_here(flow, run) -> int:
 
 
 def _store(root: str | None):
-    from storage.artifacts import ArtifactStore
+    from alignflow.storage.artifacts import ArtifactStore
 
     return ArtifactStore(root or Paths().resolved().artifact_root)
 

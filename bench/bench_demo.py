@@ -114,10 +114,10 @@ def main(argv=None) -> int:
 
     log_file = configure_environment(paths)
     t0 = time.perf_counter()
-    from flows.self_improve import self_improve
-    from storage.artifacts import ArtifactStore
-    from tasks.base_model import base_model_ref
-    from workers.models import BUILTIN_MODELS, FINGERPRINT
+    from alignflow.flows.self_improve import self_improve
+    from alignflow.storage.artifacts import ArtifactStore
+    from alignflow.tasks.base_model import base_model_ref
+    from alignflow.workers.models import BUILTIN_MODELS, FINGERPRINT
     import_s = time.perf_counter() - t0
     source_before = source_fingerprint()
     load_before = load_average()

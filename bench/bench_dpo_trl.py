@@ -50,8 +50,8 @@ def current_rss_mb() -> float:
 
 
 def load_pairs(args) -> list[dict]:
-    from genies.data import capped
-    from tasks.preferences import read_preferences
+    from alignflow.genies.data import capped
+    from alignflow.tasks.preferences import read_preferences
 
     pairs = read_preferences(f"genies:{args.data_dir}:{args.distribution}:train")
     return capped(pairs, args.pairs, 0, id_field="id")
@@ -69,8 +69,8 @@ def sequence_lengths(rows: list[dict]) -> list[int]:
 
 
 def run_naive(args, model_dir: Path) -> dict:
-    from workers.chat import encode_pair
-    from workers.hf import HFBackend
+    from alignflow.workers.chat import encode_pair
+    from alignflow.workers.hf import HFBackend
 
     pairs = load_pairs(args)
     backend = HFBackend(model_dir, dtype="float32")
@@ -84,12 +84,12 @@ def run_naive(args, model_dir: Path) -> dict:
 
 
 def run_ours(args, model_dir: Path) -> dict:
-    from storage.artifacts import ArtifactStore
-    from tasks.logprobs import reference_logprobs
-    from tasks.train_dpo import dpo_objective
-    from tasks.training import Checkpoints, prepare_model, train
-    from workers.hf import HFBackend
-    from workers.scoring import token_budget_batches
+    from alignflow.storage.artifacts import ArtifactStore
+    from alignflow.tasks.logprobs import reference_logprobs
+    from alignflow.tasks.train_dpo import dpo_objective
+    from alignflow.tasks.training import Checkpoints, prepare_model, train
+    from alignflow.workers.hf import HFBackend
+    from alignflow.workers.scoring import token_budget_batches
 
     pairs = [{**p, "prompt_id": p["id"]} for p in load_pairs(args)]
     backend = HFBackend(model_dir, dtype="float32", token_budget=args.token_budget)
@@ -122,7 +122,7 @@ def run_trl(args, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLConfig, DPOTrainer
 
-    from tasks.training import total_steps
+    from alignflow.tasks.training import total_steps
 
     pairs = load_pairs(args)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
@@ -163,7 +163,7 @@ def run_trl(args, model_dir: Path) -> dict:
 
 
 def run_side(args) -> None:
-    from workers.models import resolve_model_dir
+    from alignflow.workers.models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model, alignflow_home() / "models")
     result = {"alignflow": run_ours, "trl": run_trl, "naive": run_naive}[args.side](args, model_dir)

@@ -18,12 +18,12 @@ import torch
 from benchlib import demo_prompt_ids, sampling_parser, timed
 
 from alignflow.config import SEGAConfig, alignflow_home
-from tasks.train_sega import group_advantages, sega_loss, sega_objective
-from tasks.training import prepare_model
-from workers.backend import GenerationParams
-from workers.hf import HFBackend
-from workers.models import resolve_model_dir
-from workers.scoring import pack, response_logprob_sums, token_entropy
+from alignflow.tasks.train_sega import group_advantages, sega_loss, sega_objective
+from alignflow.tasks.training import prepare_model
+from alignflow.workers.backend import GenerationParams
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.models import resolve_model_dir
+from alignflow.workers.scoring import pack, response_logprob_sums, token_entropy
 
 
 @torch.inference_mode()

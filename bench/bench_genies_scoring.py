@@ -19,11 +19,11 @@ import torch
 from benchlib import one_sequence_logprob, timed
 
 from alignflow.config import GeniesScoringConfig, alignflow_home
-from genies.data import capped, distribution_dir, expand_pairs, read_split
-from genies.interventions.zero_shot import response_logprobs
-from genies.metrics import accuracy
-from genies.scoring import encode_pairs, probs_from_scores
-from workers.models import load_causal_lm, resolve_model_dir
+from alignflow.genies.data import capped, distribution_dir, expand_pairs, read_split
+from alignflow.genies.interventions.zero_shot import response_logprobs
+from alignflow.genies.metrics import accuracy
+from alignflow.genies.scoring import encode_pairs, probs_from_scores
+from alignflow.workers.models import load_causal_lm, resolve_model_dir
 
 
 def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: int) -> list[dict]:

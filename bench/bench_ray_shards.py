@@ -17,12 +17,12 @@ import torch
 from benchlib import sampling_parser, timed
 
 from alignflow.config import RayConfig, SampleConfig, alignflow_home
-from storage.artifacts import ArtifactStore
-from tasks.base_model import base_model_ref
-from tasks.prompts import PROMPTS, prompt_source
-from tasks.sample import SAMPLE
-from tasks.stage import RunContext
-from workers.backend import release_backends
+from alignflow.storage.artifacts import ArtifactStore
+from alignflow.tasks.base_model import base_model_ref
+from alignflow.tasks.prompts import PROMPTS, prompt_source
+from alignflow.tasks.sample import SAMPLE
+from alignflow.tasks.stage import RunContext
+from alignflow.workers.backend import release_backends
 
 
 def sample_once(ctx: RunContext, config: SampleConfig, model: str) -> dict:
@@ -55,7 +55,7 @@ def main() -> None:
 
     import ray
 
-    from workers.ray_pool import pool, release_pools
+    from alignflow.workers.ray_pool import pool, release_pools
 
     settings = RayConfig(replicas=args.replicas, cpus_per_replica=args.cpus_per_replica).model_dump()
     _, pool_start_s = timed(lambda: pool(settings))  # starts a local Ray, as a flow with executor: ray does

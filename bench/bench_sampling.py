@@ -16,9 +16,9 @@ import torch
 from benchlib import demo_prompt_ids, sampling_parser, timed
 
 from alignflow.config import alignflow_home
-from workers.backend import GenerationParams
-from workers.hf import HFBackend
-from workers.models import resolve_model_dir
+from alignflow.workers.backend import GenerationParams
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.models import resolve_model_dir
 
 
 def plain_generate(backend: HFBackend, prompts: list[list[int]], params: GenerationParams) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from benchlib import run_plain, timed
 
 from alignflow.config import SelfImproveConfig, load_config
-from storage.artifacts import ArtifactStore
+from alignflow.storage.artifacts import ArtifactStore
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("sample", "judge", "pairs", "logprobs", "train_dpo")

@@ -24,12 +24,12 @@ from benchlib import demo_prompt_ids, sampling_parser, timed
 from bench_sampling import hf_against_generate
 
 from alignflow.config import SampleConfig, alignflow_home
-from tasks.prompts import read_prompt_rows
-from tasks.sample import sample_candidates
-from workers.backend import GenerationParams
-from workers.hf import HFBackend
-from workers.models import resolve_model_dir
-from workers.vllm import VLLMBackend
+from alignflow.tasks.prompts import read_prompt_rows
+from alignflow.tasks.sample import sample_candidates
+from alignflow.workers.backend import GenerationParams
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.models import resolve_model_dir
+from alignflow.workers.vllm import VLLMBackend
 
 
 def bare_generate(backend: VLLMBackend, prompts: list[list[int]], config: SampleConfig) -> int:

@@ -32,9 +32,9 @@ def timed_training(model_dir, rows: list[dict], config: DPOConfig) -> dict:
     """Train on this process (the only one, or a rank); seconds of the loop and its per-step losses."""
     import torch
 
-    from storage.artifacts import ArtifactStore
-    from tasks.train_dpo import dpo_objective
-    from tasks.training import Checkpoints, make_engine, prepare_model, train
+    from alignflow.storage.artifacts import ArtifactStore
+    from alignflow.tasks.train_dpo import dpo_objective
+    from alignflow.tasks.training import Checkpoints, make_engine, prepare_model, train
 
     model, tokenizer = prepare_model(model_dir, config)
     engine = make_engine(model, config)
@@ -54,10 +54,10 @@ def main() -> None:
     import ray
     import torch
 
-    from tasks.logprobs import reference_logprobs
-    from workers.distributed import run_distributed
-    from workers.hf import HFBackend
-    from workers.models import resolve_model_dir
+    from alignflow.tasks.logprobs import reference_logprobs
+    from alignflow.workers.distributed import run_distributed
+    from alignflow.workers.hf import HFBackend
+    from alignflow.workers.models import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model, alignflow_home() / "models")
     pairs = [{**p, "prompt_id": p["id"]} for p in load_pairs(args)]

@@ -10,17 +10,17 @@ from importlib import resources
 
 import torch
 
-from flows.report import run_summary
-from flows.self_improve import Steps, run_rounds
-from tasks.base_model import base_model_ref
-from tasks.judge import JUDGE
-from tasks.logprobs import LOGPROBS
-from tasks.pairs import PAIRS
-from tasks.prompts import PROMPTS, read_prompt_rows
-from tasks.sample import SAMPLE
-from tasks.stage import run_context
-from tasks.train_dpo import TRAIN_DPO
-from workers.chat import prompt_ids
+from alignflow.flows.report import run_summary
+from alignflow.flows.self_improve import Steps, run_rounds
+from alignflow.tasks.base_model import base_model_ref
+from alignflow.tasks.judge import JUDGE
+from alignflow.tasks.logprobs import LOGPROBS
+from alignflow.tasks.pairs import PAIRS
+from alignflow.tasks.prompts import PROMPTS, read_prompt_rows
+from alignflow.tasks.sample import SAMPLE
+from alignflow.tasks.stage import run_context
+from alignflow.tasks.train_dpo import TRAIN_DPO
+from alignflow.workers.chat import prompt_ids
 
 # The flow's own stage functions, called directly: no task runs, no Prefect cache or API.
 DIRECT_STEPS = Steps(PROMPTS.run, base_model_ref, SAMPLE.run, JUDGE.run, PAIRS.run, LOGPROBS.run, TRAIN_DPO.run)

@@ -2,7 +2,7 @@
 
 Each deployment's parameter is its flow's typed ``config``, so the API and the
 UI's run form validate runs against the flow signature. Entrypoints are module
-paths (``flows.gem.gem``): a worker runs whatever alignflow is installed where
+paths (``alignflow.flows.gem.gem``): a worker runs whatever alignflow is installed where
 it runs (a virtualenv, or the image of a docker or kubernetes pool), with no
 code pulled from storage.
 
@@ -79,7 +79,7 @@ def build_deployments(configs: dict[str, Strict], cron: str | None = None) -> li
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flows import FLOWS
+    from alignflow.flows import FLOWS
 
     configs = {name: configs.get(name) or FLOW_CONFIGS[name]() for name in FLOWS}
     deployments = []

@@ -13,17 +13,17 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import GemConfig
-from storage.artifacts import ArtifactRef, ArtifactStore
-from tasks.base_model import base_model_task
-from tasks.entropy import entropy_pairs_task, entropy_task
-from tasks.logprobs import logprobs_task
-from tasks.pref_accuracy import pref_accuracy_task
-from tasks.preferences import preference_set, preferences_task
-from tasks.sample import sample_task
-from tasks.stage import RELEASE_HOOKS, run_context
-from tasks.train_dpo import train_dpo_task
-from tasks.train_sega import train_sega_task
-from tasks.train_sft import train_sft_task
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.base_model import base_model_task
+from alignflow.tasks.entropy import entropy_pairs_task, entropy_task
+from alignflow.tasks.logprobs import logprobs_task
+from alignflow.tasks.pref_accuracy import pref_accuracy_task
+from alignflow.tasks.preferences import preference_set, preferences_task
+from alignflow.tasks.sample import sample_task
+from alignflow.tasks.stage import RELEASE_HOOKS, run_context
+from alignflow.tasks.train_dpo import train_dpo_task
+from alignflow.tasks.train_sega import train_sega_task
+from alignflow.tasks.train_sft import train_sft_task
 
 
 def genies_dir(config: GemConfig) -> Path:

@@ -12,15 +12,15 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import GeniesConfig
-from flows.report import publish_genies_summary
-from genies.data import distribution_names
-from genies.interventions import make_intervention
-from genies.report import ReportSpec, evaluation_name, genies_report_task
-from genies.shifts import check_distributions, distributions_needed, load_shifts
-from genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
+from alignflow.flows.report import publish_genies_summary
+from alignflow.genies.data import distribution_names
+from alignflow.genies.interventions import make_intervention
+from alignflow.genies.report import ReportSpec, evaluation_name, genies_report_task
+from alignflow.genies.shifts import check_distributions, distributions_needed, load_shifts
+from alignflow.genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
                            pairs_spec)
-from tasks.base_model import base_model_task
-from tasks.stage import RELEASE_HOOKS, run_context
+from alignflow.tasks.base_model import base_model_task
+from alignflow.tasks.stage import RELEASE_HOOKS, run_context
 
 
 def data_dir(config: GeniesConfig) -> Path:

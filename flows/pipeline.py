@@ -13,10 +13,10 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import PipelineConfig, SelfImproveConfig
-from flows.genies_eval import genies_eval, genies_summary_markdown
-from flows.report import artifact_link, summary_markdown
-from flows.self_improve import self_improve
-from tasks.stage import run_context
+from alignflow.flows.genies_eval import genies_eval, genies_summary_markdown
+from alignflow.flows.report import artifact_link, summary_markdown
+from alignflow.flows.self_improve import self_improve
+from alignflow.tasks.stage import run_context
 
 
 def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:

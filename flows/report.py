@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 
 HEADLINE = {
     "sample": ["rows_out", "generated_tokens", "tokens_per_s", "truncated_prompts"],
@@ -61,7 +61,7 @@ def publish_genies_summary(summary: dict) -> None:
     """The genies-eval run's summary in the UI: means, links to the report files, the heatmap."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.genies_eval import genies_summary_markdown
+    from alignflow.flows.genies_eval import genies_summary_markdown
 
     folder = Path(summary["report_dir"])
     files = ", ".join(artifact_link(str(folder / name), name) for name in ("report.md", "metrics.csv", "means.csv"))

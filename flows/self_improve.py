@@ -10,16 +10,16 @@ from typing import Callable
 from prefect import flow
 
 from alignflow.config import SelfImproveConfig
-from flows.report import publish_summary, run_summary
-from storage.artifacts import ArtifactRef
-from tasks.base_model import base_model_task
-from tasks.judge import judge_task
-from tasks.logprobs import logprobs_task
-from tasks.pairs import pairs_task
-from tasks.prompts import prompt_source, prompts_task
-from tasks.sample import sample_task
-from tasks.stage import RELEASE_HOOKS, run_context
-from tasks.train_dpo import train_dpo_task
+from alignflow.flows.report import publish_summary, run_summary
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.base_model import base_model_task
+from alignflow.tasks.judge import judge_task
+from alignflow.tasks.logprobs import logprobs_task
+from alignflow.tasks.pairs import pairs_task
+from alignflow.tasks.prompts import prompt_source, prompts_task
+from alignflow.tasks.sample import sample_task
+from alignflow.tasks.stage import RELEASE_HOOKS, run_context
+from alignflow.tasks.train_dpo import train_dpo_task
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignflow.config import alignflow_home
-from genies.data import RELEASE_URL, download, validate_release
-from genies.metrics import means, published_rows, write_csv
-from genies.shifts import load_shifts
+from alignflow.genies.data import RELEASE_URL, download, validate_release
+from alignflow.genies.metrics import means, published_rows, write_csv
+from alignflow.genies.shifts import load_shifts
 
 
 def add_commands(sub) -> None:

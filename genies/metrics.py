@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from genies.data import GeniesDataError, read_json
-from genies.shifts import Shift
+from alignflow.genies.data import GeniesDataError, read_json
+from alignflow.genies.shifts import Shift
 
 PUBLISHED_COLUMNS = ["source", "target", "target_reference", "generalization_accuracy", "baseline_accuracy",
                      "target_tuned_capability", "differential_elicitation", "source_ID_accuracy"]

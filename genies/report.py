@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
-from genies.metrics import capability_path, evaluation_path, means, shift_row, write_csv, write_json
-from genies.shifts import Shift
-from storage.artifacts import ArtifactRef, ArtifactStore
-from tasks.stage import RunContext, Stage, StageOutput, stage_task
+from alignflow.genies.metrics import capability_path, evaluation_path, means, shift_row, write_csv, write_json
+from alignflow.genies.shifts import Shift
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
 
 
 class ReportSpec(Strict):
@@ -178,7 +178,7 @@ def compute_report(ctx: RunContext, spec: ReportSpec, key: str, **evaluations: A
 
 def publish(spec: ReportSpec, rows: list[dict], summary: list[dict], folder: Path) -> None:
     """Prefect table and markdown artifacts (inside a flow run only)."""
-    from tasks.stage import in_prefect_run
+    from alignflow.tasks.stage import in_prefect_run
 
     if not in_prefect_run():
         return
@@ -190,5 +190,5 @@ def publish(spec: ReportSpec, rows: list[dict], summary: list[dict], folder: Pat
                              description=f"GENIES report for {spec.model}")
 
 
-GENIES_REPORT = Stage("genies_report", compute_report, ("genies.report", "genies.metrics"))
+GENIES_REPORT = Stage("genies_report", compute_report, ("alignflow.genies.report", "alignflow.genies.metrics"))
 genies_report_task = stage_task(GENIES_REPORT)

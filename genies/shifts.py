@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from genies.data import GeniesDataError, read_json
+from alignflow.genies.data import GeniesDataError, read_json
 
 
 class Shift(BaseModel):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from alignflow.config import GeniesConfig, GeniesScoringConfig, Strict
-from genies.data import capped, expand_pairs, read_split
-from genies.interventions import BUILTIN, make_intervention
-from genies.metrics import pair_metrics
-from storage.artifacts import ArtifactRef
-from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from alignflow.genies.data import capped, expand_pairs, read_split
+from alignflow.genies.interventions import BUILTIN, make_intervention
+from alignflow.genies.metrics import pair_metrics
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
 
 # -- pairs ---------------------------------------------------------------------
 class PairsSpec(Strict):
@@ -119,11 +119,11 @@ def score_table(rows: list[dict], scores) -> tuple[pa.Table, dict]:
     return table, pair_metrics(p_preferred)
 
 
-GENIES_MODULES = ("genies.stages", "genies.data", "genies.scoring", "genies.interventions.base",
-                  "genies.interventions.zero_shot", "genies.interventions.mass_mean", "genies.interventions.lora_rm",
-                  "genies.interventions.dpo", "genies.interventions.script", "tasks.train_dpo", "tasks.training",
-                  "workers.scoring")
-GENIES_PAIRS = Stage("genies_pairs", compute_pairs, ("genies.stages", "genies.data"))
+GENIES_MODULES = ("alignflow.genies.stages", "alignflow.genies.data", "alignflow.genies.scoring", "alignflow.genies.interventions.base",
+                  "alignflow.genies.interventions.zero_shot", "alignflow.genies.interventions.mass_mean", "alignflow.genies.interventions.lora_rm",
+                  "alignflow.genies.interventions.dpo", "alignflow.genies.interventions.script", "alignflow.tasks.train_dpo", "alignflow.tasks.training",
+                  "alignflow.workers.scoring")
+GENIES_PAIRS = Stage("genies_pairs", compute_pairs, ("alignflow.genies.stages", "alignflow.genies.data"))
 GENIES_TRAIN = Stage("genies_train", compute_train, GENIES_MODULES)
 GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, GENIES_MODULES)
 genies_pairs_task = stage_task(GENIES_PAIRS)

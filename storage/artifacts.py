@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from storage.s3 import open_options, refuse_credentials_in_url
+from alignflow.storage.s3 import open_options, refuse_credentials_in_url
 
 MANIFEST = "_manifest.json"
 CHECKPOINTS = "_checkpoints"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from storage.artifacts import ArtifactRef
-from tasks.stage import is_transient
-from workers.models import content_hash, resolve_model_dir
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import is_transient
+from alignflow.workers.models import content_hash, resolve_model_dir
 
 
 def base_model_ref(name_or_path: str, model_cache: str) -> ArtifactRef:

@@ -20,8 +20,8 @@ from itertools import groupby
 import pyarrow as pa
 
 from alignflow.config import EntropyConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import RunContext, Stage, StageOutput, stage_task
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def compute_entropy_pairs(ctx: RunContext, config: EntropyConfig, key: str, cand
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics={"rows_out": len(pairs)})
 
 
-ENTROPY = Stage("entropy", compute_entropy, ("tasks.entropy",))
-ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, ("tasks.entropy",))
+ENTROPY = Stage("entropy", compute_entropy, ("alignflow.tasks.entropy",))
+ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, ("alignflow.tasks.entropy",))
 entropy_task = stage_task(ENTROPY)
 entropy_pairs_task = stage_task(ENTROPY_PAIRS)

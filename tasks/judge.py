@@ -13,10 +13,10 @@ import time
 from collections import Counter
 
 from alignflow.config import JudgeConfig
-from tasks.pairs import group_by_prompt, unique_candidates
-from tasks.stage import RunContext, Shards, Stage, stage_task
-from workers.backend import GenerationParams, shared_backend
-from workers.chat import fit_prompt
+from alignflow.tasks.pairs import group_by_prompt, unique_candidates
+from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
+from alignflow.workers.backend import GenerationParams, shared_backend
+from alignflow.workers.chat import fit_prompt
 
 _RULES = (
     "Decide which of the two outputs below better answers the instruction.\n"
@@ -181,7 +181,7 @@ def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
 
 
 JUDGE = Stage("judge", None,
-              ("tasks.judge", "tasks.pairs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat"),
+              ("alignflow.tasks.judge", "alignflow.tasks.pairs", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat"),
               shards=Shards(units=candidate_groups, open=judge_backend, compute=judge_groups, metrics=judge_metrics,
                             work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups), unit="comparisons"))
 judge_task = stage_task(JUDGE)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 from alignflow.config import LogprobsConfig
-from tasks.stage import RunContext, Shards, Stage, stage_task
-from workers.backend import shared_backend
-from workers.chat import encode_pair
+from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
+from alignflow.workers.backend import shared_backend
+from alignflow.workers.chat import encode_pair
 
 
 def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progress=None) -> tuple[list[dict], dict]:
@@ -42,7 +42,7 @@ def reference_backend(ctx: RunContext, config: LogprobsConfig, parents: dict):
 
 
 LOGPROBS = Stage("logprobs", None,
-                 ("tasks.logprobs", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"),
+                 ("alignflow.tasks.logprobs", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat", "alignflow.workers.scoring"),
                  shards=Shards(units=pair_units, open=reference_backend, compute=reference_logprobs,
                                metrics=logprobs_metrics, work=lambda pairs, config: 2 * len(pairs), unit="seqs"))
 logprobs_task = stage_task(LOGPROBS)

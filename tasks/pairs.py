@@ -11,8 +11,8 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 
 from alignflow.config import PairsConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import RunContext, Stage, StageOutput, stage_task
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
 
 
 def group_by_prompt(rows: list[dict]) -> dict[str, list[dict]]:
@@ -89,5 +89,5 @@ def compute_pairs(ctx: RunContext, config: PairsConfig, key: str, candidates: Ar
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics=metrics)
 
 
-PAIRS = Stage("pairs", compute_pairs, ("tasks.pairs",))
+PAIRS = Stage("pairs", compute_pairs, ("alignflow.tasks.pairs",))
 pairs_task = stage_task(PAIRS)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import pyarrow as pa
 
 from alignflow.config import PrefAccuracyConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from workers.chat import encode_pair
-from workers.hf import end_of_turn_ids
-from workers.models import load_causal_lm
-from workers.scoring import sequence_logprob_sums
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
+from alignflow.workers.chat import encode_pair
+from alignflow.workers.hf import end_of_turn_ids
+from alignflow.workers.models import load_causal_lm
+from alignflow.workers.scoring import sequence_logprob_sums
 
 
 def implicit_rewards(policy: list[float], beta: float, reference: list[float] | None = None) -> list[float]:
@@ -94,5 +94,5 @@ def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str,
 
 
 PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy,
-                      ("tasks.pref_accuracy", "workers.chat", "workers.hf", "workers.scoring", "workers.models"))
+                      ("alignflow.tasks.pref_accuracy", "alignflow.workers.chat", "alignflow.workers.hf", "alignflow.workers.scoring", "alignflow.workers.models"))
 pref_accuracy_task = stage_task(PREF_ACCURACY)

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
-from genies.data import capped, distribution_dir, expand_pairs, read_split
-from genies.interventions.base import preferred_texts
-from tasks.prompts import read_jsonl
-from tasks.stage import Stage, StageOutput, stage_task
+from alignflow.genies.data import capped, distribution_dir, expand_pairs, read_split
+from alignflow.genies.interventions.base import preferred_texts
+from alignflow.tasks.prompts import read_jsonl
+from alignflow.tasks.stage import Stage, StageOutput, stage_task
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -156,5 +156,5 @@ def compute_preferences(ctx, config: PreferenceSet, key: str) -> StageOutput:
 
 
 PREFERENCES = Stage("preferences", compute_preferences,
-                    ("tasks.preferences", "tasks.prompts", "genies.data", "genies.interventions.base"))
+                    ("alignflow.tasks.preferences", "alignflow.tasks.prompts", "alignflow.genies.data", "alignflow.genies.interventions.base"))
 preferences_task = stage_task(PREFERENCES)

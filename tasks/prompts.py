@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
-from tasks.stage import Stage, StageOutput, stage_task
+from alignflow.tasks.stage import Stage, StageOutput, stage_task
 
 BUILTIN = {"builtin:demo": "demo_prompts.jsonl"}
 REQUIRED = ("prompt", "reference")
@@ -83,5 +83,5 @@ def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics={"rows_out": len(rows)})
 
 
-PROMPTS = Stage("prompts", compute_prompts, ("tasks.prompts",))
+PROMPTS = Stage("prompts", compute_prompts, ("alignflow.tasks.prompts",))
 prompts_task = stage_task(PROMPTS)

@@ -7,9 +7,9 @@ import time
 import zlib
 
 from alignflow.config import SampleConfig
-from tasks.stage import RunContext, Shards, Stage, stage_task
-from workers.backend import GenerationParams, shared_backend
-from workers.chat import fit_prompt
+from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
+from alignflow.workers.backend import GenerationParams, shared_backend
+from alignflow.workers.chat import fit_prompt
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -70,7 +70,7 @@ def policy_backend(ctx: RunContext, config: SampleConfig, parents: dict):
 
 
 SAMPLE = Stage("sample", None,
-               ("tasks.sample", "workers.backend", "workers.hf", "workers.vllm", "workers.chat", "workers.scoring"),
+               ("alignflow.tasks.sample", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat", "alignflow.workers.scoring"),
                shards=Shards(units=prompt_units, open=policy_backend,
                              compute=sample_candidates, metrics=sample_metrics,
                              work=lambda prompts, config: len(prompts) * config.n, unit="samples"))

@@ -29,7 +29,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
-from storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
+from alignflow.storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
 
 log = logging.getLogger("alignflow")
 
@@ -186,7 +186,7 @@ def run_shards(stage: Stage, ctx: RunContext, config: BaseModel, key: str, paren
     """Compute the ``todo`` shards in order here, or over the Ray pool's replicas;
     returns how many shard attempts were retried after their actor died."""
     if ctx.executor == "ray":
-        from workers.ray_pool import pool
+        from alignflow.workers.ray_pool import pool
 
         return pool(ctx.ray).map_shards(stage, ctx, config, key, parents, todo, progress, finished)
     for index, units in todo.items():
@@ -199,11 +199,11 @@ def run_shards(stage: Stage, ctx: RunContext, config: BaseModel, key: str, paren
 def release_workers(*_hook_args) -> None:
     """Give back this process's loaded model and its Ray actors. Every flow runs it
     when it ends, however it ends (``RELEASE_HOOKS``)."""
-    from workers.backend import release_backends
+    from alignflow.workers.backend import release_backends
 
     release_backends()
-    if "workers.ray_pool" in sys.modules:  # only a run that used Ray has pools (and Ray imported)
-        sys.modules["workers.ray_pool"].release_pools()
+    if "alignflow.workers.ray_pool" in sys.modules:  # only a run that used Ray has pools (and Ray imported)
+        sys.modules["alignflow.workers.ray_pool"].release_pools()
 
 
 RELEASE_HOOKS = {hook: [release_workers] for hook in ("on_completion", "on_failure", "on_crashed", "on_cancellation")}
@@ -230,7 +230,7 @@ def stage_task(stage: Stage, retries: int = 2):
     def run(ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
         fail_once_if_asked(stage.name)
         if ctx.executor == "ray" and not stage.shards:  # a sharded stage sends its shards to the pool itself
-            from workers.ray_pool import run_on_ray
+            from alignflow.workers.ray_pool import run_on_ray
 
             return run_on_ray(stage, ctx, config, parents)
         return stage.run(ctx, config, **parents)

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from alignflow.config import DPOConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import RunContext, Stage, stage_task
-from tasks.training import Objective, fit
-from workers.scoring import pack, response_logprob_sums
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import RunContext, Stage, stage_task
+from alignflow.tasks.training import Objective, fit
+from alignflow.workers.scoring import pack, response_logprob_sums
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, kind: str = "sigmoid"):
@@ -56,5 +56,5 @@ def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: Arti
 
 
 TRAIN_DPO = Stage("train_dpo", compute_train_dpo,
-                  ("tasks.train_dpo", "tasks.training", "workers.scoring", "workers.models"))
+                  ("alignflow.tasks.train_dpo", "alignflow.tasks.training", "alignflow.workers.scoring", "alignflow.workers.models"))
 train_dpo_task = stage_task(TRAIN_DPO)

@@ -20,10 +20,10 @@ from itertools import groupby
 import torch
 
 from alignflow.config import SEGAConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import RunContext, Stage, stage_task
-from tasks.training import Objective, fit
-from workers.scoring import map_batches, pack, response_token_logprobs
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import RunContext, Stage, stage_task
+from alignflow.tasks.training import Objective, fit
+from alignflow.workers.scoring import map_batches, pack, response_token_logprobs
 
 
 def group_advantages(scores: torch.Tensor, mapping: str = "softmax", zscore: bool = False) -> torch.Tensor:
@@ -124,5 +124,5 @@ def compute_train_sega(ctx: RunContext, config: SEGAConfig, key: str, policy: Ar
 
 
 TRAIN_SEGA = Stage("train_sega", compute_train_sega,
-                   ("tasks.train_sega", "tasks.training", "workers.scoring", "workers.models"))
+                   ("alignflow.tasks.train_sega", "alignflow.tasks.training", "alignflow.workers.scoring", "alignflow.workers.models"))
 train_sega_task = stage_task(TRAIN_SEGA)

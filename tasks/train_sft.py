@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from alignflow.config import SFTConfig
-from storage.artifacts import ArtifactRef
-from tasks.stage import RunContext, Stage, stage_task
-from tasks.training import Objective, fit
-from workers.chat import fit_prompt, response_ids
-from workers.hf import end_of_turn_ids
-from workers.scoring import pack
+from alignflow.storage.artifacts import ArtifactRef
+from alignflow.tasks.stage import RunContext, Stage, stage_task
+from alignflow.tasks.training import Objective, fit
+from alignflow.workers.chat import fit_prompt, response_ids
+from alignflow.workers.hf import end_of_turn_ids
+from alignflow.workers.scoring import pack
 
 IGNORE = -100  # the label torch's cross-entropy skips
 
@@ -72,5 +72,5 @@ def compute_train_sft(ctx: RunContext, config: SFTConfig, key: str, policy: Arti
 
 
 TRAIN_SFT = Stage("train_sft", compute_train_sft,
-                  ("tasks.train_sft", "tasks.training", "workers.chat", "workers.hf", "workers.scoring", "workers.models"))
+                  ("alignflow.tasks.train_sft", "alignflow.tasks.training", "alignflow.workers.chat", "alignflow.workers.hf", "alignflow.workers.scoring", "alignflow.workers.models"))
 train_sft_task = stage_task(TRAIN_SFT)

@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from alignflow.config import TrainConfig
-from storage.artifacts import ArtifactRef, ArtifactStore
-from tasks.stage import Progress, RunContext, StageOutput
-from workers.backend import release_backends
-from workers.models import load_causal_lm
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.stage import Progress, RunContext, StageOutput
+from alignflow.workers.backend import release_backends
+from alignflow.workers.models import load_causal_lm
 
 log = logging.getLogger("alignflow")
 
@@ -418,7 +418,7 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef, rows: list[d
         return job()
     if importlib.util.find_spec("deepspeed") is None:
         raise ImportError(f"distributed.strategy={strategy} needs DeepSpeed: pip install 'alignflow[deepspeed]'")
-    from workers.distributed import run_distributed
+    from alignflow.workers.distributed import run_distributed
 
     return run_distributed(job, config.distributed.world_size, address=ctx.ray.get("address"))
 

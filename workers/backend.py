@@ -74,10 +74,10 @@ def shared_backend(kind: str, model_dir: Path, dtype: str = "float32", tensor_pa
 
 def _load(kind: str, model_dir: Path, dtype: str, tensor_parallel_size: int) -> Backend:
     if kind == "hf":
-        from workers.hf import HFBackend
+        from alignflow.workers.hf import HFBackend
 
         return HFBackend(model_dir, dtype=dtype)
-    from workers.vllm import VLLMBackend
+    from alignflow.workers.vllm import VLLMBackend
 
     return VLLMBackend(model_dir, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from workers.backend import Completion, GenerationParams
-from workers.models import load_causal_lm
-from workers.scoring import sequence_logprob_sums, token_entropy
+from alignflow.workers.backend import Completion, GenerationParams
+from alignflow.workers.models import load_causal_lm
+from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
 
 
 class HFBackend:

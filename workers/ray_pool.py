@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.placement import ReplicaShape, reserve
+from alignflow.workers.placement import ReplicaShape, reserve
 
 log = logging.getLogger("alignflow")
 

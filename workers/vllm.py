@@ -22,8 +22,8 @@ from types import SimpleNamespace
 
 import torch
 
-from workers.backend import Completion, GenerationParams
-from workers.hf import end_of_turn_ids
+from alignflow.workers.backend import Completion, GenerationParams
+from alignflow.workers.hf import end_of_turn_ids
 
 
 class VLLMBackend:

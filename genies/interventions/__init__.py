@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from alignflow.config import DPOConfig, FewShotConfig, LoraRewardConfig, MassMeanShiftConfig
-from genies.interventions.base import Intervention
-from genies.interventions.dpo import DPO
-from genies.interventions.lora_rm import LoraRewardModel
-from genies.interventions.mass_mean import MassMeanShift
-from genies.interventions.script import ScriptIntervention
-from genies.interventions.zero_shot import FewShot, ZeroShot
+from alignflow.genies.interventions.base import Intervention
+from alignflow.genies.interventions.dpo import DPO
+from alignflow.genies.interventions.lora_rm import LoraRewardModel
+from alignflow.genies.interventions.mass_mean import MassMeanShift
+from alignflow.genies.interventions.script import ScriptIntervention
+from alignflow.genies.interventions.zero_shot import FewShot, ZeroShot
 
 BUILDERS = {
     "zero_shot": lambda spec, _: ZeroShot(spec.scoring),

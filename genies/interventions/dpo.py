@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignflow.config import DPOConfig, GeniesScoringConfig
-from genies.interventions.base import Scores
-from genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
-from storage.artifacts import ArtifactStore
-from tasks.train_dpo import dpo_objective
-from tasks.training import Checkpoints, prepare_model, save_models, split_rows, train
-from workers.models import load_causal_lm
-from workers.scoring import sequence_logprob_sums
+from alignflow.genies.interventions.base import Scores
+from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
+from alignflow.storage.artifacts import ArtifactStore
+from alignflow.tasks.train_dpo import dpo_objective
+from alignflow.tasks.training import Checkpoints, prepare_model, save_models, split_rows, train
+from alignflow.workers.models import load_causal_lm
+from alignflow.workers.scoring import sequence_logprob_sums
 
 
 def dpo_rows(seqs: Sequences, pairs: list[dict]) -> list[dict]:

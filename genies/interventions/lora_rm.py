@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from alignflow.config import GeniesScoringConfig, LoraRewardConfig
-from genies.interventions.base import Scores
-from genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
-from tasks.training import lr_factor
-from workers.models import load_backbone
-from workers.scoring import map_batches, pack
+from alignflow.genies.interventions.base import Scores
+from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
+from alignflow.tasks.training import lr_factor
+from alignflow.workers.models import load_backbone
+from alignflow.workers.scoring import map_batches, pack
 
 
 class RewardModel(torch.nn.Module):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from alignflow.config import GeniesScoringConfig, MassMeanShiftConfig
-from genies.interventions.base import Scores
-from genies.scoring import encode_pairs, last_token_states, per_pair_progress
-from workers.models import load_backbone
-from workers.scoring import map_batches
+from alignflow.genies.interventions.base import Scores
+from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress
+from alignflow.workers.models import load_backbone
+from alignflow.workers.scoring import map_batches
 
 
 @torch.inference_mode()

@@ -8,10 +8,10 @@ import random
 from pathlib import Path
 
 from alignflow.config import FewShotConfig, GeniesScoringConfig
-from genies.interventions.base import Scores, preferred_texts
-from genies.scoring import encode_pairs, per_pair_progress, probs_from_scores
-from workers.models import load_causal_lm
-from workers.scoring import sequence_logprob_sums
+from alignflow.genies.interventions.base import Scores, preferred_texts
+from alignflow.genies.scoring import encode_pairs, per_pair_progress, probs_from_scores
+from alignflow.workers.models import load_causal_lm
+from alignflow.workers.scoring import sequence_logprob_sums
 
 
 def response_logprobs(model, tokenizer, pairs: list[dict], scoring: GeniesScoringConfig,

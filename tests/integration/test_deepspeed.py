@@ -21,13 +21,13 @@ ray = pytest.importorskip("ray")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "alignflow" / "torch_extensions"))
 
 from alignflow.config import DPOConfig  # noqa: E402
-from tasks.base_model import base_model_ref  # noqa: E402
-from tasks.stage import RunContext  # noqa: E402
-from tasks.train_dpo import compute_train_dpo  # noqa: E402
-from tasks.training import make_engine, prepare_model, rank_micro_batches, split_rows  # noqa: E402
-from workers.distributed import rank_envs, run_distributed  # noqa: E402
-from workers.models import load_causal_lm  # noqa: E402
-from workers.scoring import sequence_logprob_sums  # noqa: E402
+from alignflow.tasks.base_model import base_model_ref  # noqa: E402
+from alignflow.tasks.stage import RunContext  # noqa: E402
+from alignflow.tasks.train_dpo import compute_train_dpo  # noqa: E402
+from alignflow.tasks.training import make_engine, prepare_model, rank_micro_batches, split_rows  # noqa: E402
+from alignflow.workers.distributed import rank_envs, run_distributed  # noqa: E402
+from alignflow.workers.models import load_causal_lm  # noqa: E402
+from alignflow.workers.scoring import sequence_logprob_sums  # noqa: E402
 
 PAIRS = 18
 # 13 training pairs in global batches of 6 (3 per rank, as micro-batches of 2 and 1): the

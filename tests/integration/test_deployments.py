@@ -15,7 +15,7 @@ pytest.register_assert_rewrite("prefect_server")  # imported here before pytest_
 from conftest import tiny_config_data  # noqa: E402
 from prefect_server import ALIGNFLOW, stop, wait_for  # noqa: E402
 
-from storage.artifacts import ArtifactStore  # noqa: E402
+from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
 
 pytest_plugins = ["prefect_server"]
 
@@ -133,7 +133,7 @@ def test_deploy_registers_every_flow_with_typed_parameters_a_schedule_and_the_tr
         by_name = {name: client.read_deployment(deployment_id) for name, deployment_id in deployed.items()}
         automations = client.read_automations_by_name("genies-after-self-improve")
     for deployment in by_name.values():
-        assert deployment.entrypoint.startswith("flows.") and deployment.work_pool_name == POOL
+        assert deployment.entrypoint.startswith("alignflow.flows.") and deployment.work_pool_name == POOL
         assert deployment.enforce_parameter_schema
         assert list(deployment.parameter_openapi_schema["properties"]) == ["config"]
     pipeline = by_name["pipeline/pipeline"]
@@ -178,7 +178,7 @@ def test_resume_runs_a_run_without_deployment_in_the_resuming_process(prefect_se
 
     from alignflow.cli import main
     from alignflow.config import SelfImproveConfig
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     monkeypatch.setenv("ALIGNFLOW_FAIL_ONCE", f"{FAILING_STAGE}:{tmp_path / 'failed-once'}")
     config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, tmp_path))

@@ -10,7 +10,7 @@ import pytest
 from conftest import gem_config_data, run_with_task_runs
 
 from alignflow.config import ConfigError, GemConfig, load_config
-from storage.artifacts import ArtifactStore
+from alignflow.storage.artifacts import ArtifactStore
 
 STAGES = ["preferences", "train_sft", "sample", "entropy", "entropy_pairs", "train_sega", "logprobs", "train_dpo",
           "pref_accuracy"]
@@ -18,7 +18,7 @@ STAGES = ["preferences", "train_sft", "sample", "entropy", "entropy_pairs", "tra
 
 def run_gem(config: GemConfig):
     """Run the flow; return (summary, {task name: [final state names]})."""
-    from flows.gem import gem
+    from alignflow.flows.gem import gem
 
     summary, runs = run_with_task_runs(gem, config)
     states: dict[str, list[str]] = {}

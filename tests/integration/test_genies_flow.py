@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignflow.config import GeniesConfig
-from genies.data import GeniesDataError
-from storage.artifacts import ArtifactStore
+from alignflow.genies.data import GeniesDataError
+from alignflow.storage.artifacts import ArtifactStore
 
 MODEL = "tiny-llama"  # the tiny model folder's name: the model's name in the published layout
 SHIFTS = [
@@ -69,7 +69,7 @@ def run_flow(config: GeniesConfig):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.genies_eval import genies_eval
+    from alignflow.flows.genies_eval import genies_eval
 
     state = genies_eval(config=config, return_state=True)
     summary = state.result()
@@ -204,8 +204,8 @@ def test_metrics_cli_on_the_written_layout_matches_the_flow(first, tmp_path, cap
 
 
 def test_metrics_cli_reads_the_flows_zero_shot_rows(first, tmp_path):
-    from genies.metrics import published_rows
-    from genies.shifts import load_shifts
+    from alignflow.genies.metrics import published_rows
+    from alignflow.genies.shifts import load_shifts
 
     report = first.report
     rows = published_rows(report / "evaluations", report / "target_tuned_capability", load_shifts(first.config.shifts),
@@ -241,7 +241,7 @@ def test_shift_naming_a_missing_distribution_is_a_clear_error(first, tmp_path):
     spec = tmp_path / "bad.json"
     spec.write_text(json.dumps([SHIFTS[0], {"source": "alpaca_short", "target": "alpaca_huge"}]))
     config = GeniesConfig.model_validate({**first.data, "shifts": str(spec)})
-    from flows.genies_eval import genies_eval
+    from alignflow.flows.genies_eval import genies_eval
 
     with pytest.raises(GeniesDataError) as e:
         genies_eval(config=config)
@@ -250,7 +250,7 @@ def test_shift_naming_a_missing_distribution_is_a_clear_error(first, tmp_path):
 
 
 def test_ceiling_naming_an_intervention_not_run_is_an_error(first):
-    from flows.genies_eval import genies_eval
+    from alignflow.flows.genies_eval import genies_eval
 
     config = GeniesConfig.model_validate({**first.data, "ceiling": "dpo"})
     with pytest.raises(ValueError, match="ceiling: 'dpo' is neither 'best' nor one of the interventions run "
@@ -259,7 +259,7 @@ def test_ceiling_naming_an_intervention_not_run_is_an_error(first):
 
 
 def test_unknown_intervention_is_an_error_before_any_work(first):
-    from flows.genies_eval import genies_eval
+    from alignflow.flows.genies_eval import genies_eval
 
     config = GeniesConfig.model_validate({**first.data, "interventions": ["few_shot", "nope"]})
     with pytest.raises(ValueError, match=r"interventions: unknown \['nope'\]"):

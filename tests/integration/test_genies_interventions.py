@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from alignflow.config import DPOConfig, FewShotConfig, GeniesScoringConfig, LoraRewardConfig, MassMeanShiftConfig
-from genies.data import GeniesDataError
-from genies.interventions import make_intervention
-from genies.interventions.script import ScriptIntervention
-from genies.stages import GENIES_EVALUATE, GENIES_PAIRS, GENIES_TRAIN, InterventionSpec, _scripts_hash, pairs_spec
-from tasks.base_model import base_model_ref
-from tasks.stage import RunContext
-from workers.models import load_causal_lm
+from alignflow.genies.data import GeniesDataError
+from alignflow.genies.interventions import make_intervention
+from alignflow.genies.interventions.script import ScriptIntervention
+from alignflow.genies.stages import GENIES_EVALUATE, GENIES_PAIRS, GENIES_TRAIN, InterventionSpec, _scripts_hash, pairs_spec
+from alignflow.tasks.base_model import base_model_ref
+from alignflow.tasks.stage import RunContext
+from alignflow.workers.models import load_causal_lm
 
 SCORING = GeniesScoringConfig(max_tokens=128)
 SMALL_LORA = {"r": 4, "alpha": 8}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import tiny_config_data
 
-from storage.artifacts import ArtifactStore
+from alignflow.storage.artifacts import ArtifactStore
 
 SLOW_TRAINING = {"dpo__epochs": 15, "dpo__checkpoint_every": 2, "dpo__eval_every": 4}
 

@@ -13,10 +13,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from storage.artifacts import ArtifactStore  # noqa: E402
-from tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
-from workers.placement import PlacementError, available_gpus  # noqa: E402
-from workers.ray_pool import ActorPool, pool, release_pools  # noqa: E402
+from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
+from alignflow.tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
+from alignflow.workers.placement import PlacementError, available_gpus  # noqa: E402
+from alignflow.workers.ray_pool import ActorPool, pool, release_pools  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_the_pool_reuses_its_actors_across_stages(two_gpu_nodes, tmp_path):
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"),
                      executor="ray", ray=settings)
     config = RunContext(artifact_root="-", model_cache="-")  # any pydantic model serves as a stage config
-    first, second = (Stage(name, _pid_table, ("tasks.stage",)) for name in ("first", "second"))
+    first, second = (Stage(name, _pid_table, ("alignflow.tasks.stage",)) for name in ("first", "second"))
     refs = [pool(settings).run(stage, ctx, config, {}) for stage in (first, second)]
     store = ArtifactStore(ctx.artifact_root)
     pids = [store.read_rows(ref)[0]["pid"] for ref in refs]

@@ -40,7 +40,7 @@ def finished_run(prefect_server, tiny_model_dir, tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from alignflow.config import SelfImproveConfig
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     home = tmp_path_factory.mktemp("ui-run")
     config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, home))

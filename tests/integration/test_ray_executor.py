@@ -18,12 +18,12 @@ ray = pytest.importorskip("ray")
 from alignflow.cli import main  # noqa: E402
 from alignflow.config import GemConfig, GeniesConfig, SampleConfig, SelfImproveConfig, Strict  # noqa: E402
 from conftest import gem_config_data, tiny_config_data  # noqa: E402
-from storage.artifacts import ArtifactStore  # noqa: E402
-from tasks.base_model import base_model_ref  # noqa: E402
-from tasks.prompts import PROMPTS, prompt_source  # noqa: E402
-from tasks.sample import SAMPLE  # noqa: E402
-from tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
-from workers.ray_pool import ActorPool, pool, release_pools  # noqa: E402
+from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
+from alignflow.tasks.base_model import base_model_ref  # noqa: E402
+from alignflow.tasks.prompts import PROMPTS, prompt_source  # noqa: E402
+from alignflow.tasks.sample import SAMPLE  # noqa: E402
+from alignflow.tasks.stage import RunContext, Stage, StageOutput  # noqa: E402
+from alignflow.workers.ray_pool import ActorPool, pool, release_pools  # noqa: E402
 
 RAY = {"replicas": 2, "cpus_per_replica": 0.5}
 # small shards, so every sharded stage spreads over both replicas
@@ -54,7 +54,7 @@ def _workers(root: Path, stage: str) -> set[str]:
 
 
 def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
-    from flows.genies_eval import genies_eval
+    from alignflow.flows.genies_eval import genies_eval
 
     config = _genies_config(tiny_model_dir, genies_data_dir, tmp_path, executor="ray", ray=RAY)
     on_ray = genies_eval(config=config)
@@ -68,7 +68,7 @@ def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, ge
 
 
 def test_gem_flow_runs_its_stages_on_ray_actors(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
-    from flows.gem import gem
+    from alignflow.flows.gem import gem
 
     config = GemConfig.model_validate(gem_config_data(tiny_model_dir, genies_data_dir, tmp_path) | {
         "executor": "ray", "ray": RAY})
@@ -94,7 +94,7 @@ class _Marker(Strict):
 
 
 def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
-    stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), ("tasks.stage",))
+    stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), ("alignflow.tasks.stage",))
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
     pool = ActorPool(address=None, replicas=1, gpus_per_replica=0, cpus_per_replica=0.5)
     ref = pool.run(stage, ctx, _Marker(marker=str(tmp_path / "died")), {})
@@ -122,7 +122,7 @@ def one_torch_thread():
 
 def test_self_improve_on_ray_gives_the_local_artifacts_part_for_part(ray_cluster, one_torch_thread, tiny_model_dir,
                                                                     tmp_path):
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     data = tiny_config_data(tiny_model_dir, tmp_path / "ray", **SHARDED) | {"executor": "ray", "ray": RAY}
     self_improve(config=SelfImproveConfig.model_validate(data))

@@ -23,9 +23,9 @@ from conftest import run_with_task_runs, tiny_config_data
 from s3server import S3Identity, S3Server
 
 from alignflow.config import SelfImproveConfig
-from storage import s3 as storage_s3
-from storage.artifacts import MANIFEST, ArtifactError, ArtifactStore
-from storage.s3 import StorageConfigError
+from alignflow.storage import s3 as storage_s3
+from alignflow.storage.artifacts import MANIFEST, ArtifactError, ArtifactStore
+from alignflow.storage.s3 import StorageConfigError
 
 STAGES = ["prompts", "sample", "judge", "pairs", "logprobs", "train_dpo"]
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_no_credentials_is_one_clear_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message
     assert "s3://bucket/prefix at http://127.0.0.1:9: no S3 credentials" in message
-    assert "AWS_ACCESS_KEY_ID" in message and "storage.credentials_block" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "alignflow.storage.credentials_block" in message
 
 
 def test_credentials_in_the_root_url_or_config_are_refused():
@@ -154,7 +154,7 @@ WRITER = r"""
 import sys, time
 from pathlib import Path
 import pyarrow as pa
-from storage.artifacts import ArtifactStore
+from alignflow.storage.artifacts import ArtifactStore
 
 root, go, value = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 store = ArtifactStore(root)
@@ -198,7 +198,7 @@ def test_concurrent_writers_of_one_key_leave_one_intact_artifact(s3, env_credent
 
 def run_flow(config: SelfImproveConfig):
     """Run the flow; return (summary, {task name: its task run})."""
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     summary, runs = run_with_task_runs(self_improve, config)
     return summary, {r.name.rsplit("-", 1)[0]: r for r in runs}

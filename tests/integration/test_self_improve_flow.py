@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config_data
 
 from alignflow.config import SelfImproveConfig
-from storage.artifacts import ArtifactStore
+from alignflow.storage.artifacts import ArtifactStore
 
 STAGES = ["prompts", "sample", "judge", "pairs", "logprobs", "train_dpo"]
 
@@ -18,7 +18,7 @@ def run_flow(config: SelfImproveConfig):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     state = self_improve(config=config, return_state=True)
     summary = state.result()
@@ -95,7 +95,7 @@ def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path,
     ('{"prompt": "a", "reference": "b"}\n{"prompt": "  ", "reference": "b"}\n', ":2: field 'prompt' must be non-empty"),
 ])
 def test_prompt_rows_are_validated(tmp_path, content, expected):
-    from tasks.prompts import PromptFileError, read_prompt_rows
+    from alignflow.tasks.prompts import PromptFileError, read_prompt_rows
 
     path = tmp_path / "p.jsonl"
     path.write_text(content)

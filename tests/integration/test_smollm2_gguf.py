@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from workers.backend import GenerationParams
-from workers.chat import prompt_ids
-from workers.hf import HFBackend
-from workers.models import FINGERPRINT, content_hash, resolve_model_dir
+from alignflow.workers.backend import GenerationParams
+from alignflow.workers.chat import prompt_ids
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.models import FINGERPRINT, content_hash, resolve_model_dir
 
 
 @pytest.mark.slow

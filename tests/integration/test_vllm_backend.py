@@ -19,14 +19,14 @@ from conftest import tiny_config_data
 from pydantic import ValidationError
 
 from alignflow.config import JudgeConfig, LogprobsConfig, SampleConfig, SelfImproveConfig, alignflow_home
-from storage.artifacts import ArtifactStore
-from tasks.judge import judge_candidates
-from tasks.logprobs import reference_logprobs
-from tasks.prompts import read_prompt_rows
-from workers.backend import GenerationParams, release_backends, shared_backend
-from workers.chat import prompt_ids
-from workers.hf import HFBackend
-from workers.models import resolve_model_dir
+from alignflow.storage.artifacts import ArtifactStore
+from alignflow.tasks.judge import judge_candidates
+from alignflow.tasks.logprobs import reference_logprobs
+from alignflow.tasks.prompts import read_prompt_rows
+from alignflow.workers.backend import GenerationParams, release_backends, shared_backend
+from alignflow.workers.chat import prompt_ids
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.models import resolve_model_dir
 
 pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; else vLLM wants 92% of memory free
@@ -183,7 +183,7 @@ def tiny_vllm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_one_self_improvement_round_with_backend_vllm(tiny_vllm_model_dir, tmp_path):
-    from flows.self_improve import self_improve
+    from alignflow.flows.self_improve import self_improve
 
     vllm_stages = {"sample__backend": "vllm", "judge__backend": "vllm", "logprobs__backend": "vllm"}
     config = SelfImproveConfig.model_validate(tiny_config_data(tiny_vllm_model_dir, tmp_path, **vllm_stages))

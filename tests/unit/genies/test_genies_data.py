@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import GENIES_SHARED
 
-from genies.data import (GeniesDataError, capped, distribution_dir, distribution_names, download, expand_pairs,
+from alignflow.genies.data import (GeniesDataError, capped, distribution_dir, distribution_names, download, expand_pairs,
                          read_split, record_problem, validate_release)
-from genies.shifts import GENIES, Shift, check_distributions, distributions_needed, load_shifts
+from alignflow.genies.shifts import GENIES, Shift, check_distributions, distributions_needed, load_shifts
 
 SHIFT_SPECS = GENIES_SHARED / "distribution_shifts"
 
@@ -372,8 +372,8 @@ def test_counts_from_real_records_are_what_expand_pairs_gives(genies_data_dir):
 
 
 def test_an_empty_split_is_bad_input_naming_the_file(tmp_path):
-    from genies.stages import GENIES_PAIRS, pairs_spec
-    from tasks.stage import RunContext
+    from alignflow.genies.stages import GENIES_PAIRS, pairs_spec
+    from alignflow.tasks.stage import RunContext
 
     _release(tmp_path, {"empty": {"train": [GOOD], "test": []}})
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from genies.data import GeniesDataError
-from genies.metrics import (PUBLISHED_COLUMNS, accuracy, brier, expected_calibration_error, means, pair_correct,
+from alignflow.genies.data import GeniesDataError
+from alignflow.genies.metrics import (PUBLISHED_COLUMNS, accuracy, brier, expected_calibration_error, means, pair_correct,
                             pair_metrics, published_rows, read_number, shift_row, write_csv)
-from genies.shifts import Shift
+from alignflow.genies.shifts import Shift
 
 # -- per pair ------------------------------------------------------------------
 P = [0.9, 0.8, 0.3, 0.5]

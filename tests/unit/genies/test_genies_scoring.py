@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from genies.data import expand_pairs
-from genies.interventions.mass_mean import fit_slope, held_out_mask, pair_score
-from genies.interventions.script import records_from_pairs
-from genies.scoring import encode_pairs, last_token_states, per_pair_progress, prob_first, probs_from_scores
-from genies.stages import score_table
-from genies.interventions.base import Scores
-from workers.models import load_causal_lm
-from workers.scoring import pack, sequence_logprob_sums
+from alignflow.genies.data import expand_pairs
+from alignflow.genies.interventions.mass_mean import fit_slope, held_out_mask, pair_score
+from alignflow.genies.interventions.script import records_from_pairs
+from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress, prob_first, probs_from_scores
+from alignflow.genies.stages import score_table
+from alignflow.genies.interventions.base import Scores
+from alignflow.workers.models import load_causal_lm
+from alignflow.workers.scoring import pack, sequence_logprob_sums
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\nName a primary color.\n\n### Response:\n")

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.artifacts import MANIFEST, ArtifactError, ArtifactRef, ArtifactStore, artifact_key
+from alignflow.storage.artifacts import MANIFEST, ArtifactError, ArtifactRef, ArtifactStore, artifact_key
 
 
 def _table(values=(1, 2, 3)):

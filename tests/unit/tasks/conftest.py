@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.models import load_causal_lm
+from alignflow.workers.models import load_causal_lm
 
 
 @pytest.fixture(scope="module")

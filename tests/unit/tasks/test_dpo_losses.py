@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from tasks.train_dpo import dpo_losses
-from tasks.training import lr_factor, split_rows
+from alignflow.tasks.train_dpo import dpo_losses
+from alignflow.tasks.training import lr_factor, split_rows
 
 # log pi(y_w) = -10, log pi(y_l) = -14, log pi_ref(y_w) = -11, log pi_ref(y_l) = -13
 #   z = (-10 - -14) - (-11 - -13) = 4 - 2 = 2

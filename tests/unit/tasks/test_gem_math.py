@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from tasks.entropy import Spans, eq1_score, split_spans, top_m_count
-from tasks.train_sega import group_advantages, kl_penalty, sega_loss
-from workers.scoring import token_entropy
+from alignflow.tasks.entropy import Spans, eq1_score, split_spans, top_m_count
+from alignflow.tasks.train_sega import group_advantages, kl_penalty, sega_loss
+from alignflow.workers.scoring import token_entropy
 
 
 def test_token_entropy_is_log_v_for_uniform_and_zero_for_one_hot():
@@ -104,7 +104,7 @@ def test_kl_penalty_zero_when_equal_and_positive_otherwise():
 
 
 def test_preference_accuracy_reports_ties_separately():
-    from tasks.pref_accuracy import implicit_rewards, preference_accuracy
+    from alignflow.tasks.pref_accuracy import implicit_rewards, preference_accuracy
 
     chosen = implicit_rewards([-10.0, -4.0, -6.0, -3.0], beta=0.5)
     rejected = implicit_rewards([-12.0, -4.0, -5.0, -9.0], beta=0.5)
@@ -113,7 +113,7 @@ def test_preference_accuracy_reports_ties_separately():
 
 
 def test_implicit_reward_with_reference():
-    from tasks.pref_accuracy import implicit_rewards, preference_accuracy
+    from alignflow.tasks.pref_accuracy import implicit_rewards, preference_accuracy
 
     assert implicit_rewards([-3.0, -5.0], beta=0.1, reference=[-4.0, -4.0]) == pytest.approx([0.1, -0.1])
     with pytest.raises(ValueError, match="same non-zero number"):

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from alignflow.config import EntropyConfig, SEGAConfig
-from tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate, top_vs_bottom_pairs
-from tasks.pref_accuracy import accuracy_by_dataset, scored_sides
-from tasks.preferences import PreferenceFileError, compute_preferences, fingerprint, preference_set, resolve_spec
-from tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
-from workers.chat import encode_pair, fit_response, prompt_ids
-from workers.scoring import sequence_logprob_sums, token_entropy
+from alignflow.tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate, top_vs_bottom_pairs
+from alignflow.tasks.pref_accuracy import accuracy_by_dataset, scored_sides
+from alignflow.tasks.preferences import PreferenceFileError, compute_preferences, fingerprint, preference_set, resolve_spec
+from alignflow.tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
+from alignflow.workers.chat import encode_pair, fit_response, prompt_ids
+from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
 
 MARKER = "Final Answer:"
 CONFIG = EntropyConfig(lambda_fork=0.4, top_m=0.5, final_window=3)

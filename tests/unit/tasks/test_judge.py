@@ -5,8 +5,8 @@ import math
 import pytest
 
 from alignflow.config import JudgeConfig
-from workers.backend import Completion
-from tasks.judge import (
+from alignflow.workers.backend import Completion
+from alignflow.tasks.judge import (
     agreement_metrics,
     judge_candidates,
     judge_prompt,

@@ -2,7 +2,7 @@
 import pytest
 
 from alignflow.config import PairsConfig
-from tasks.pairs import build_pairs, candidate_scores, choose_pair, group_by_prompt, unique_candidates
+from alignflow.tasks.pairs import build_pairs, candidate_scores, choose_pair, group_by_prompt, unique_candidates
 
 
 def _j(pid, a, b, p_a):

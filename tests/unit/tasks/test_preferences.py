@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.preferences import PreferenceFileError, read_preferences
+from alignflow.tasks.preferences import PreferenceFileError, read_preferences
 
 ROWS = [{"question": "2+2?", "good": "4", "bad": "5"}, {"question": "Capital of France?", "good": "Paris", "bad": "Rome"}]
 MAPPING = {"prompt": "question", "chosen": "good", "rejected": "bad"}

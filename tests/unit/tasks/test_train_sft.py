@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from alignflow.config import SFTConfig
-from tasks.train_sft import IGNORE, clip_text, reflective_target, sft_examples, sft_labels, sft_objective
-from workers.backend import GenerationParams
-from workers.chat import prompt_ids
-from workers.hf import HFBackend
-from workers.scoring import pack, token_entropy
+from alignflow.tasks.train_sft import IGNORE, clip_text, reflective_target, sft_examples, sft_labels, sft_objective
+from alignflow.workers.backend import GenerationParams
+from alignflow.workers.chat import prompt_ids
+from alignflow.workers.hf import HFBackend
+from alignflow.workers.scoring import pack, token_entropy
 
 MARKER = "Final Answer:"
 LONG_CHOSEN = "Paris is the capital of France and also its largest city by far"

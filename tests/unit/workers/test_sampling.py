@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.hf import nucleus, sample_from
+from alignflow.workers.hf import nucleus, sample_from
 
 
 def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> list[dict[int, float]]:

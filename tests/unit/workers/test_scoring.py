@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers.scoring import pack, response_logprob_sums, token_budget_batches
+from alignflow.workers.scoring import pack, response_logprob_sums, token_budget_batches
 
 PAD = 0
 
