@@ -16,8 +16,7 @@ import pyarrow as pa
 from alignflow.config import PrefAccuracyConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
-from alignflow.workers.chat import encode_pair
-from alignflow.workers.hf import end_of_turn_ids
+from alignflow.workers.chat import encode_pair, end_of_turn_ids
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums
 

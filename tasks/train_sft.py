@@ -14,8 +14,7 @@ from alignflow.config import SFTConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import RunContext, Stage, stage_task
 from alignflow.tasks.training import Objective, fit
-from alignflow.workers.chat import fit_prompt, response_ids
-from alignflow.workers.hf import end_of_turn_ids
+from alignflow.workers.chat import end_of_turn_ids, fit_prompt, response_ids
 from alignflow.workers.scoring import pack
 
 IGNORE = -100  # the label torch's cross-entropy skips

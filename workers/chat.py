@@ -60,3 +60,16 @@ def encode_pair(tokenizer, pair: dict, end_of_turn: list[int], max_prompt_tokens
     return {"prompt_ids": prompt,
             **{f"{side}_ids": fit_response(response_ids(tokenizer, content, pair[side], end_of_turn), max_response_tokens)
                for side in ("chosen", "rejected")}}
+
+
+def end_of_turn_ids(tokenizer, model) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alignflow.workers.backend import Completion, GenerationParams
+from alignflow.workers.chat import end_of_turn_ids
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
 
@@ -140,15 +141,3 @@ def sample_from(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) 
     picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
     return ids.gather(-1, picks).squeeze(-1)
 
-
-def end_of_turn_ids(tokenizer, model) -> list[int]:
-    """Token ids that end an assistant turn: the generation config's EOS ids and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(ids)

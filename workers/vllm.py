@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from alignflow.workers.backend import Completion, GenerationParams
-from alignflow.workers.hf import end_of_turn_ids
+from alignflow.workers.chat import end_of_turn_ids
 
 
 class VLLMBackend:
