@@ -140,4 +140,3 @@ def sample_from(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) 
     cdf = probs.cumsum(dim=-1)
     picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
     return ids.gather(-1, picks).squeeze(-1)
-
