@@ -109,6 +109,13 @@ def expand_pairs(records: list[dict], seed: int, distribution: str, split: str) 
     return pairs
 
 
+def preferred_texts(pair: dict) -> tuple[str, str]:
+    """(preferred, dispreferred) of a pair."""
+    if pair["preferred"] == 0:
+        return pair["response_a"], pair["response_b"]
+    return pair["response_b"], pair["response_a"]
+
+
 def seeded_coin(seed: int, name: str) -> bool:
     """A fair coin per (seed, name). sha256, not crc32: crc32 is linear, so its low
     bit flips with the seed the same way for every name of one length."""

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
-from alignflow.genies.data import capped, distribution_dir, expand_pairs, read_split
-from alignflow.genies.interventions.base import preferred_texts
+from alignflow.genies.data import capped, distribution_dir, expand_pairs, preferred_texts, read_split
 from alignflow.tasks.prompts import read_jsonl
 from alignflow.tasks.stage import Stage, StageOutput, stage_task
 

@@ -33,10 +33,3 @@ class Intervention(Protocol):
     def evaluate(self, base: Path, state: Path | None, pairs: list[dict],
                  progress: Callable[[int], None] | None) -> Scores:
         """Score ``pairs`` with the trained state (None when ``trains`` is False)."""
-
-
-def preferred_texts(pair: dict) -> tuple[str, str]:
-    """(preferred, dispreferred) of a pair."""
-    if pair["preferred"] == 0:
-        return pair["response_a"], pair["response_b"]
-    return pair["response_b"], pair["response_a"]

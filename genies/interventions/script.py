@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from alignflow.genies.data import GeniesDataError, read_json
-from alignflow.genies.interventions.base import Scores, preferred_texts
+from alignflow.genies.data import GeniesDataError, preferred_texts, read_json
+from alignflow.genies.interventions.base import Scores
 
 
 def records_from_pairs(pairs: list[dict]) -> list[dict]:

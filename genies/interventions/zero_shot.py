@@ -8,7 +8,8 @@ import random
 from pathlib import Path
 
 from alignflow.config import FewShotConfig, GeniesScoringConfig
-from alignflow.genies.interventions.base import Scores, preferred_texts
+from alignflow.genies.data import preferred_texts
+from alignflow.genies.interventions.base import Scores
 from alignflow.genies.scoring import encode_pairs, per_pair_progress, probs_from_scores
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums
