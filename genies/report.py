@@ -190,5 +190,5 @@ def publish(spec: ReportSpec, rows: list[dict], summary: list[dict], folder: Pat
                              description=f"GENIES report for {spec.model}")
 
 
-GENIES_REPORT = Stage("genies_report", compute_report, ("alignflow.genies.report", "alignflow.genies.metrics"))
+GENIES_REPORT = Stage("genies_report", compute_report, __name__)
 genies_report_task = stage_task(GENIES_REPORT)

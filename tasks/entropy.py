@@ -147,7 +147,7 @@ def compute_entropy_pairs(ctx: RunContext, config: EntropyConfig, key: str, cand
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics={"rows_out": len(pairs)})
 
 
-ENTROPY = Stage("entropy", compute_entropy, ("alignflow.tasks.entropy",))
-ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, ("alignflow.tasks.entropy",))
+ENTROPY = Stage("entropy", compute_entropy, __name__)
+ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, __name__)
 entropy_task = stage_task(ENTROPY)
 entropy_pairs_task = stage_task(ENTROPY_PAIRS)

@@ -180,8 +180,7 @@ def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
     return [unique_candidates(g) for g in group_by_prompt(rows).values()]
 
 
-JUDGE = Stage("judge", None,
-              ("alignflow.tasks.judge", "alignflow.tasks.pairs", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat"),
+JUDGE = Stage("judge", None, __name__,
               shards=Shards(units=candidate_groups, open=judge_backend, compute=judge_groups, metrics=judge_metrics,
                             work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups), unit="comparisons"))
 judge_task = stage_task(JUDGE)

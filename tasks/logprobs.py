@@ -41,8 +41,7 @@ def reference_backend(ctx: RunContext, config: LogprobsConfig, parents: dict):
                           token_budget=config.token_budget)
 
 
-LOGPROBS = Stage("logprobs", None,
-                 ("alignflow.tasks.logprobs", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat", "alignflow.workers.scoring"),
+LOGPROBS = Stage("logprobs", None, __name__,
                  shards=Shards(units=pair_units, open=reference_backend, compute=reference_logprobs,
                                metrics=logprobs_metrics, work=lambda pairs, config: 2 * len(pairs), unit="seqs"))
 logprobs_task = stage_task(LOGPROBS)

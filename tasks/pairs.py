@@ -89,5 +89,5 @@ def compute_pairs(ctx: RunContext, config: PairsConfig, key: str, candidates: Ar
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics=metrics)
 
 
-PAIRS = Stage("pairs", compute_pairs, ("alignflow.tasks.pairs",))
+PAIRS = Stage("pairs", compute_pairs, __name__)
 pairs_task = stage_task(PAIRS)

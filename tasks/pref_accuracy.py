@@ -92,6 +92,5 @@ def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str,
                        metrics={"with_reference": reference is not None, **accuracy_by_dataset(out)})
 
 
-PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy,
-                      ("alignflow.tasks.pref_accuracy", "alignflow.workers.chat", "alignflow.workers.hf", "alignflow.workers.scoring", "alignflow.workers.models"))
+PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy, __name__)
 pref_accuracy_task = stage_task(PREF_ACCURACY)

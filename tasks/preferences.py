@@ -154,6 +154,5 @@ def compute_preferences(ctx, config: PreferenceSet, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics=metrics)
 
 
-PREFERENCES = Stage("preferences", compute_preferences,
-                    ("alignflow.tasks.preferences", "alignflow.tasks.prompts", "alignflow.genies.data", "alignflow.genies.interventions.base"))
+PREFERENCES = Stage("preferences", compute_preferences, __name__)
 preferences_task = stage_task(PREFERENCES)

@@ -83,5 +83,5 @@ def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics={"rows_out": len(rows)})
 
 
-PROMPTS = Stage("prompts", compute_prompts, ("alignflow.tasks.prompts",))
+PROMPTS = Stage("prompts", compute_prompts, __name__)
 prompts_task = stage_task(PROMPTS)

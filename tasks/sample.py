@@ -69,8 +69,7 @@ def policy_backend(ctx: RunContext, config: SampleConfig, parents: dict):
                           batch_size=config.batch_size)
 
 
-SAMPLE = Stage("sample", None,
-               ("alignflow.tasks.sample", "alignflow.workers.backend", "alignflow.workers.hf", "alignflow.workers.vllm", "alignflow.workers.chat", "alignflow.workers.scoring"),
+SAMPLE = Stage("sample", None, __name__,
                shards=Shards(units=prompt_units, open=policy_backend,
                              compute=sample_candidates, metrics=sample_metrics,
                              work=lambda prompts, config: len(prompts) * config.n, unit="samples"))

@@ -11,9 +11,6 @@ context, the stage config and parent ``ArtifactRef``s.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import inspect
 import logging
 import os
 import shutil
@@ -30,6 +27,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from alignflow.storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
+from alignflow.tasks.code_graph import CodeGraph, project_graph
 
 log = logging.getLogger("alignflow")
 
@@ -75,14 +73,6 @@ class StageOutput:
     scratch: Path | None = None  # a temporary directory removed once the artifact is committed
 
 
-def code_version(*modules: str) -> str:
-    """Hash of the source of the modules that decide a stage's numbers."""
-    digest = hashlib.sha256()
-    for name in modules:
-        digest.update(inspect.getsource(importlib.import_module(name)).encode())
-    return digest.hexdigest()[:16]
-
-
 @dataclass(frozen=True)
 class Shards:
     """A stage computed shard by shard. ``units(ctx, config, parents)`` lists its
@@ -107,12 +97,19 @@ class Shards:
 class Stage:
     name: str
     compute: Callable[..., StageOutput] | None
-    modules: tuple[str, ...]
+    module: str  # the stage's own module: its key covers every project module this one imports (code_graph.py)
     shards: Shards | None = None
+    # modules a config picks at run time (a GENIES intervention), outside the stage module's own imports
+    config_modules: Callable[[BaseModel], tuple[str, ...]] | None = None
+
+    def code_version(self, config: BaseModel, graph: CodeGraph | None = None) -> str:
+        """Hash of the code that decides this stage's numbers (with model library versions where it runs a model)."""
+        roots = (self.module, *(self.config_modules(config) if self.config_modules else ()))
+        return (graph or project_graph()).code_version(*roots)
 
     def key(self, config: BaseModel, parents: dict[str, ArtifactRef]) -> str:
         ordered = [parents[name] for name in sorted(parents)]
-        return artifact_key(self.name, config.model_dump(mode="json"), ordered, code_version(*self.modules))
+        return artifact_key(self.name, config.model_dump(mode="json"), ordered, self.code_version(config))
 
     def run(self, ctx: RunContext, config: BaseModel, **parents: ArtifactRef) -> ArtifactRef:
         """Return the committed artifact for these inputs, computing it only if absent."""
@@ -127,7 +124,7 @@ class Stage:
         metrics = {"worker": _worker(), **out.metrics, "seconds": round(time.perf_counter() - started, 3)}
         ref = store.commit(
             self.name, key, tables=out.tables, shards=out.shards, local_dirs=out.dirs, parents=list(parents.values()),
-            config=config.model_dump(mode="json"), code_version=code_version(*self.modules), metrics=metrics,
+            config=config.model_dump(mode="json"), code_version=self.code_version(config), metrics=metrics,
         )
         if out.scratch:
             shutil.rmtree(out.scratch, ignore_errors=True)

@@ -55,6 +55,5 @@ def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: Arti
     return fit(ctx, "train_dpo", key, policy, rows, config, lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id))
 
 
-TRAIN_DPO = Stage("train_dpo", compute_train_dpo,
-                  ("alignflow.tasks.train_dpo", "alignflow.tasks.training", "alignflow.workers.scoring", "alignflow.workers.models"))
+TRAIN_DPO = Stage("train_dpo", compute_train_dpo, __name__)
 train_dpo_task = stage_task(TRAIN_DPO)

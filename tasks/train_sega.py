@@ -123,6 +123,5 @@ def compute_train_sega(ctx: RunContext, config: SEGAConfig, key: str, policy: Ar
     return out
 
 
-TRAIN_SEGA = Stage("train_sega", compute_train_sega,
-                   ("alignflow.tasks.train_sega", "alignflow.tasks.training", "alignflow.workers.scoring", "alignflow.workers.models"))
+TRAIN_SEGA = Stage("train_sega", compute_train_sega, __name__)
 train_sega_task = stage_task(TRAIN_SEGA)

@@ -70,6 +70,5 @@ def compute_train_sft(ctx: RunContext, config: SFTConfig, key: str, policy: Arti
                lambda tokenizer: sft_objective(tokenizer.pad_token_id), prepare=tokenized)
 
 
-TRAIN_SFT = Stage("train_sft", compute_train_sft,
-                  ("alignflow.tasks.train_sft", "alignflow.tasks.training", "alignflow.workers.chat", "alignflow.workers.hf", "alignflow.workers.scoring", "alignflow.workers.models"))
+TRAIN_SFT = Stage("train_sft", compute_train_sft, __name__)
 train_sft_task = stage_task(TRAIN_SFT)

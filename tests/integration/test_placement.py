@@ -102,7 +102,7 @@ def test_the_pool_reuses_its_actors_across_stages(two_gpu_nodes, tmp_path):
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"),
                      executor="ray", ray=settings)
     config = RunContext(artifact_root="-", model_cache="-")  # any pydantic model serves as a stage config
-    first, second = (Stage(name, _pid_table, ("alignflow.tasks.stage",)) for name in ("first", "second"))
+    first, second = (Stage(name, _pid_table, "alignflow.tasks.stage") for name in ("first", "second"))
     refs = [pool(settings).run(stage, ctx, config, {}) for stage in (first, second)]
     store = ArtifactStore(ctx.artifact_root)
     pids = [store.read_rows(ref)[0]["pid"] for ref in refs]

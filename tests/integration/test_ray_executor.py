@@ -94,7 +94,7 @@ class _Marker(Strict):
 
 
 def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
-    stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), ("alignflow.tasks.stage",))
+    stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), "alignflow.tasks.stage")
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
     pool = ActorPool(address=None, replicas=1, gpus_per_replica=0, cpus_per_replica=0.5)
     ref = pool.run(stage, ctx, _Marker(marker=str(tmp_path / "died")), {})
