@@ -10,7 +10,7 @@ from importlib import resources
 
 import torch
 
-from alignflow.flows.report import run_summary
+from alignflow.flows.report import self_improve_summary
 from alignflow.flows.self_improve import Steps, run_rounds
 from alignflow.tasks.base_model import base_model_ref
 from alignflow.tasks.judge import JUDGE
@@ -37,7 +37,7 @@ def run_plain(config) -> dict:
     """The self-improve flow's work as a plain script: same stages, same order,
     same artifacts, and the same summary the flow returns."""
     prompts, rounds = run_rounds(config, DIRECT_STEPS)
-    return run_summary(run_context(config).store(), prompts, rounds)
+    return self_improve_summary(run_context(config).store(), prompts, rounds)
 
 
 def demo_prompt_ids(tokenizer, count: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import GeniesConfig
-from alignflow.flows.report import publish_genies_summary
+from alignflow.flows.report import genies_summary, publish_genies
 from alignflow.genies.data import distribution_names
 from alignflow.genies.interventions import make_intervention
 from alignflow.genies.report import ReportSpec, evaluation_name, genies_report_task
@@ -21,7 +21,6 @@ from alignflow.genies.stages import (genies_evaluate_task, genies_pairs_task, ge
                            pairs_spec)
 from alignflow.tasks.base_model import base_model_task
 from alignflow.tasks.stage import RELEASE_HOOKS, run_context
-from alignflow.workers.hardware import resolve_dtypes
 
 
 def data_dir(config: GeniesConfig) -> Path:
@@ -49,7 +48,6 @@ def model_name(config: GeniesConfig) -> str:
 
 @flow(name="genies-eval", **RELEASE_HOOKS)
 def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
-    config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
     root = data_dir(config)
     shifts = load_shifts(config.shifts)[: config.limit_shifts]
@@ -78,15 +76,6 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     report_spec = ReportSpec(model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling)
     report = genies_report_task(ctx, report_spec, **evaluations)
     store = ctx.store()
-    local = store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts")
-    summary = {"report": report.uri, "report_dir": str(local), "means": store.manifest(report.stage, report.key)["metrics"]}
-    publish_genies_summary(summary)
+    summary = genies_summary(store, report, store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts"))
+    publish_genies(summary)
     return summary
-
-
-def genies_summary_markdown(summary: dict) -> str:
-    lines = ["# genies-eval summary", "", f"report: `{summary['report_dir']}` (artifact `{summary['report']}`)", "",
-             "| intervention | mean differential elicitation |", "|---|---|"]
-    lines += [f"| {name.removeprefix('mean_de_')} | {value} |" for name, value in summary["means"].items()
-              if name.startswith("mean_de_")]
-    return "\n".join(lines) + "\n"

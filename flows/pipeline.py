@@ -13,11 +13,10 @@ from pathlib import Path
 from prefect import flow
 
 from alignflow.config import PipelineConfig, SelfImproveConfig
-from alignflow.flows.genies_eval import genies_eval, genies_summary_markdown
-from alignflow.flows.report import artifact_link, summary_markdown
+from alignflow.flows.genies_eval import genies_eval
+from alignflow.flows.report import publish_pipeline
 from alignflow.flows.self_improve import self_improve
 from alignflow.tasks.stage import run_context
-from alignflow.workers.hardware import resolve_dtypes
 
 
 def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
@@ -29,23 +28,9 @@ def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
 
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
-    config = resolve_dtypes(config)  # each half for its own executor; the subflows' parameters show the result
     training = self_improve(config=config.training)
     model = trained_model_dir(config.training, training)
     evaluation = genies_eval(config=config.genies.model_copy(update={"model": str(model)}))
     summary = {"training": training, "model": str(model), "genies": evaluation}
-    publish_pipeline_summary(summary)
+    publish_pipeline(summary)
     return summary
-
-
-def pipeline_summary_markdown(summary: dict) -> str:
-    head = f"# pipeline summary\n\ntrained policy: {artifact_link(summary['model'])}\n"
-    return "\n".join([head, summary_markdown("self-improve", summary["training"]),
-                      genies_summary_markdown(summary["genies"])])
-
-
-def publish_pipeline_summary(summary: dict) -> None:
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(markdown=pipeline_summary_markdown(summary), key="pipeline-summary",
-                             description="pipeline: the trained policy, its training artifacts and its GENIES means")

@@ -10,7 +10,7 @@ from typing import Callable
 from prefect import flow
 
 from alignflow.config import SelfImproveConfig
-from alignflow.flows.report import publish_summary, run_summary
+from alignflow.flows.report import publish_self_improve, self_improve_summary
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.base_model import base_model_task
 from alignflow.tasks.judge import judge_task
@@ -20,7 +20,6 @@ from alignflow.tasks.prompts import prompt_source, prompts_task
 from alignflow.tasks.sample import sample_task
 from alignflow.tasks.stage import RELEASE_HOOKS, run_context
 from alignflow.tasks.train_dpo import train_dpo_task
-from alignflow.workers.hardware import resolve_dtypes
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ TASKS = Steps(prompts_task, base_model_task, sample_task, judge_task, pairs_task
 
 def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, list[dict[str, ArtifactRef]]]:
     """The prompts artifact and each round's artifacts, by stage."""
-    config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
     prompts = steps.prompts(ctx, prompt_source(config.prompts, config.limit_prompts))
     policy = steps.base_model(config.model, ctx.model_cache)
@@ -62,6 +60,6 @@ def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, li
 @flow(name="self-improve", **RELEASE_HOOKS)
 def self_improve(config: SelfImproveConfig = SelfImproveConfig()) -> dict:
     prompts, rounds = run_rounds(config, TASKS)
-    summary = run_summary(run_context(config).store(), prompts, rounds)
-    publish_summary("self-improve", summary)
+    summary = self_improve_summary(run_context(config).store(), prompts, rounds)
+    publish_self_improve(summary)
     return summary

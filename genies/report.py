@@ -190,5 +190,13 @@ def publish(spec: ReportSpec, rows: list[dict], summary: list[dict], folder: Pat
                              description=f"GENIES report for {spec.model}")
 
 
-GENIES_REPORT = Stage("genies_report", compute_report, __name__)
+SHIFT_ROWS = pa.schema([
+    ("source", pa.string()), ("target", pa.string()), ("target_reference", pa.string()),
+    ("generalization_accuracy", pa.float64()), ("baseline_accuracy", pa.float64()),
+    ("target_tuned_capability", pa.float64()), ("differential_elicitation", pa.float64()),
+    ("source_ID_accuracy", pa.float64()), ("category", pa.string()), ("label", pa.string()),
+    ("elicitation", pa.float64()), ("intervention", pa.string()), ("model", pa.string()),
+    ("brier", pa.float64()), ("ece", pa.float64()),
+])
+GENIES_REPORT = Stage("genies_report", compute_report, __name__, schema=SHIFT_ROWS)
 genies_report_task = stage_task(GENIES_REPORT)

@@ -90,8 +90,9 @@ def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: Arti
     (out / "state").mkdir()
     metrics = intervention.train(ctx.model_dir(model), rows, out / "state", None)
     metrics = {"train_pairs": len(rows), **metrics}
-    return StageOutput(tables=[pa.Table.from_pylist([metrics])], dirs={"state": out / "state"},
-                       metrics=metrics, scratch=out)
+    # one row per metric: each intervention reports its own ones
+    table = pa.Table.from_pylist([{"metric": name, "value": float(value)} for name, value in metrics.items()])
+    return StageOutput(tables=[table], dirs={"state": out / "state"}, metrics=metrics, scratch=out)
 
 
 def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef,
@@ -107,10 +108,11 @@ def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: A
 
 
 def score_table(rows: list[dict], scores) -> tuple[pa.Table, dict]:
-    """Per-pair P(preferred) and correctness; an accuracy-only result keeps just that."""
+    """Per-pair P(preferred); an accuracy-only result has none (nulls)."""
     if scores.p_a is None:
-        return pa.Table.from_pylist([{"pair_id": r["pair_id"]} for r in rows]), {
-            "accuracy": scores.accuracy, "pairs": len(rows)}
+        table = pa.Table.from_pylist([{"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": None,
+                                       "p_preferred": None} for r in rows])
+        return table, {"accuracy": scores.accuracy, "pairs": len(rows)}
     p_preferred = [p if r["preferred"] == 0 else 1.0 - p for r, p in zip(rows, scores.p_a)]
     table = pa.Table.from_pylist([
         {"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": p, "p_preferred": q}
@@ -125,9 +127,16 @@ def intervention_modules(spec: InterventionSpec) -> tuple[str, ...]:
     return (type(make_intervention(spec)).__module__,)
 
 
-GENIES_PAIRS = Stage("genies_pairs", compute_pairs, __name__)
-GENIES_TRAIN = Stage("genies_train", compute_train, __name__, config_modules=intervention_modules)
-GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, __name__, config_modules=intervention_modules)
+GENIES_PAIR_ROWS = pa.schema([("pair_id", pa.string()), ("record", pa.int64()), ("prompt", pa.string()),
+                              ("response_a", pa.string()), ("response_b", pa.string()), ("preferred", pa.int64())])
+TRAIN_METRIC_ROWS = pa.schema([("metric", pa.string()), ("value", pa.float64())])
+EVALUATION_ROWS = pa.schema([("pair_id", pa.string()), ("preferred", pa.int64()), ("p_a", pa.float64()),
+                             ("p_preferred", pa.float64())])
+GENIES_PAIRS = Stage("genies_pairs", compute_pairs, __name__, schema=GENIES_PAIR_ROWS)
+GENIES_TRAIN = Stage("genies_train", compute_train, __name__, config_modules=intervention_modules,
+                     schema=TRAIN_METRIC_ROWS)
+GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, __name__, config_modules=intervention_modules,
+                        schema=EVALUATION_ROWS)
 genies_pairs_task = stage_task(GENIES_PAIRS)
 genies_train_task = stage_task(GENIES_TRAIN)
 genies_evaluate_task = stage_task(GENIES_EVALUATE)

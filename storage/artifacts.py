@@ -190,15 +190,20 @@ class ArtifactStore:
         config: dict | None = None,
         code_version: str = "",
         metrics: dict | None = None,
+        schema: pa.Schema | None = None,
     ) -> ArtifactRef:
         """Write parts, then the manifest. Only the manifest makes the artifact visible.
-        ``shards``: receipts of part files already written by ``write_shard``, in order."""
+        ``shards``: receipts of part files already written by ``write_shard``, in order.
+        ``schema``: the stage's declared output rows; every table is checked and written in it."""
+        if schema is not None:
+            tables = [conform(table, schema, stage) for table in tables]
         writer = uuid.uuid4().hex[:10]
         receipts = [*shards, *(self._write_part(stage, key, i, table, writer) for i, table in enumerate(tables))]
         files = {r["part"]: r["sha256"] for r in receipts}
         parts = [r["part"] for r in receipts]
         rows = sum(r["rows"] for r in receipts)
-        schema = next((r["schema"] for r in receipts if r["schema"]), None)
+        written = next((r["schema"] for r in receipts if r["schema"]), None)
+        schema_text = schema.to_string() if schema is not None else written
         dirs = {subdir: f"{subdir}-{writer}" for subdir in (local_dirs or {})}
         for subdir, local in (local_dirs or {}).items():
             for path in sorted(Path(local).rglob("*")):
@@ -212,9 +217,9 @@ class ArtifactStore:
             "files": files,
             "dirs": dirs,
             "rows": rows,
-            "schema": schema,
+            "schema": schema_text,
             "content_hash": _content_hash(files),
-            "parents": [p.model_dump() for p in parents],
+            "parents": [p.model_dump(exclude={"uri"}) for p in parents],  # a uri names the writer's machine
             "config": config or {},
             "code_version": code_version,
             "metrics": metrics or {},
@@ -228,9 +233,12 @@ class ArtifactStore:
         return {"part": name, "sha256": self._write_bytes(stage, key, name, _parquet_bytes(table)),
                 "rows": table.num_rows, "schema": table.schema.to_string() if table.num_columns else None}
 
-    def write_shard(self, stage: str, key: str, index: int, table: pa.Table, **info) -> dict:
-        """Write shard ``index``'s part file and its receipt (``info`` rides along: who
-        computed it, how long it took); the artifact stays uncommitted."""
+    def write_shard(self, stage: str, key: str, index: int, table: pa.Table, schema: pa.Schema | None = None,
+                    **info) -> dict:
+        """Write shard ``index``'s part file, in the stage's declared ``schema``, and its receipt
+        (``info`` rides along: who computed it, how long it took); the artifact stays uncommitted."""
+        if schema is not None:
+            table = conform(table, schema, stage)
         receipt = {"index": index, **self._write_part(stage, key, index, table, uuid.uuid4().hex[:10]), **info}
         self._write_atomic(self._path(stage, key, SHARDS, f"shard-{index:05d}.json"), json.dumps(receipt).encode())
         return receipt
@@ -321,6 +329,48 @@ class ArtifactStore:
 def _content_hash(files: dict[str, str]) -> str:
     """Hash of the contents under writer-independent names, so a rebuild hashes the same."""
     return stable_hash(sorted((_WRITER_ID.sub("", name, count=1), digest) for name, digest in files.items()))
+
+
+def conform(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
+    """``table`` in its stage's declared ``schema``: columns in the declared order, each
+    cast where nothing can be lost (a column of nulls inferred from empty lists, int to
+    float); a missing, extra or differently typed column is an ArtifactError."""
+    if table.num_rows == 0 and table.num_columns == 0:  # no rows at all: from_pylist([]) has no columns either
+        return schema.empty_table()
+    extra = [name for name in table.column_names if name not in schema.names]
+    if extra:
+        found = table.schema.field(extra[0]).type
+        raise ArtifactError(f"{stage}: output column '{extra[0]}' ({found}) is not in the stage's declared schema "
+                            f"(expected columns: {', '.join(schema.names)})")
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            raise ArtifactError(f"{stage}: output column '{field.name}' is missing (expected {field.type})")
+        column = table.column(field.name)
+        if not _widens_to(column.type, field.type):
+            raise ArtifactError(f"{stage}: output column '{field.name}' should be {field.type}, found {column.type}")
+        if not field.nullable and column.null_count:
+            raise ArtifactError(f"{stage}: output column '{field.name}' ({field.type}) holds {column.null_count} nulls")
+        try:
+            columns.append(column.cast(field.type, safe=True))
+        except pa.ArrowInvalid as e:  # an int too large for a narrower declared int
+            raise ArtifactError(f"{stage}: output column '{field.name}' does not fit {field.type} ({e})") from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _widens_to(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column inferred as ``found`` may be written as ``expected`` without a
+    change of meaning: never text to numbers or numbers to text."""
+    if found == expected or pa.types.is_null(found):
+        return True
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if pa.types.is_integer(found) and any(is_kind(expected) for is_kind in numeric):
+        return True
+    if pa.types.is_floating(found) and pa.types.is_floating(expected):
+        return True
+    if pa.types.is_list(found) and pa.types.is_list(expected):
+        return _widens_to(found.value_type, expected.value_type)
+    return False
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

@@ -147,7 +147,14 @@ def compute_entropy_pairs(ctx: RunContext, config: EntropyConfig, key: str, cand
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics={"rows_out": len(pairs)})
 
 
-ENTROPY = Stage("entropy", compute_entropy, __name__)
-ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, __name__)
+SCORE_ROWS = pa.schema([
+    ("prompt_id", pa.string()), ("candidate", pa.int64()), ("score", pa.float64()), ("final_entropy", pa.float64()),
+    ("fork_entropy", pa.float64()), ("marker_found", pa.bool_()), ("reasoning_tokens", pa.int64()),
+    ("final_tokens", pa.int64()), ("rank", pa.int64()), ("kept", pa.bool_()),
+])
+ENTROPY_PAIR_ROWS = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+                               ("chosen", pa.string()), ("rejected", pa.string()), ("margin", pa.float64())])
+ENTROPY = Stage("entropy", compute_entropy, __name__, schema=SCORE_ROWS)
+ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, __name__, schema=ENTROPY_PAIR_ROWS)
 entropy_task = stage_task(ENTROPY)
 entropy_pairs_task = stage_task(ENTROPY_PAIRS)

@@ -12,10 +12,14 @@ import re
 import time
 from collections import Counter
 
+import pyarrow as pa
+
 from alignflow.config import JudgeConfig
 from alignflow.tasks.pairs import group_by_prompt, unique_candidates
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
-from alignflow.workers.backend import GenerationParams, regroup, shared_backend
+from alignflow.workers.backend import GenerationParams, shared_backend
+from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
 from alignflow.workers.chat import fit_prompt
 
 _RULES = (
@@ -91,13 +95,9 @@ def ordered_pairs(candidates: list[dict]) -> list[tuple[dict, dict]]:
     return [(a, b) for a in candidates for b in candidates if a["candidate"] != b["candidate"]]
 
 
-def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None,
-                     reuse_prefix: bool = True) -> tuple[list[dict], dict]:
-    """Every ordered comparison of each prompt's candidates. ``reuse_prefix=False`` runs each
-    comparison's whole prompt (bench/bench_judge.py measures the two ways side by side)."""
+def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None) -> tuple[list[dict], dict]:
     tok = backend.tokenizer
-    groups = [pairs for pairs in map(ordered_pairs, _grouped_unique(rows)) if pairs]
-    comparisons = [pair for pairs in groups for pair in pairs]
+    comparisons = [pair for cands in _grouped_unique(rows) for pair in ordered_pairs(cands)]
     prefix_ids = tok(config.answer_prefix, add_special_tokens=False)["input_ids"] if config.answer_prefix else []
     prompts, truncated = [], []
     for a, b in comparisons:
@@ -105,16 +105,13 @@ def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=No
         _, ids, cut = fit_prompt(tok, text, config.max_prompt_tokens - len(prefix_ids))
         prompts.append(ids + prefix_ids)
         truncated.append(cut)
+    params = GenerationParams(
+        temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
+    )
     started = time.perf_counter()
-    if prefix_ids and reuse_prefix:  # the label is the first generated token: one forward pass after a shared prefix
-        outputs = [c for group in backend.next_token(regroup(prompts, map(len, groups)), config.top_logprobs, progress)
-                   for c in group]
-    else:
-        params = GenerationParams(temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens,
-                                  top_logprobs=config.top_logprobs)
-        outputs = [c[0] for c in backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)]
+    outputs = backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)
     seconds = time.perf_counter() - started
-    out = [_judgment(a, b, c, tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
+    out = [_judgment(a, b, c[0], tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
            for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)]
     return out, judge_metrics(out, seconds)
 
@@ -187,7 +184,34 @@ def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
     return [unique_candidates(g) for g in group_by_prompt(rows).values()]
 
 
-JUDGE = Stage("judge", None, __name__,
+def judge_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
+    """Comparisons judged in both orders: the instruction, both outputs and both verdicts."""
+    verdicts = {(j["prompt_id"], j["a"], j["b"]): j for j in store.read_rows(ref)}
+    candidates = {(c["prompt_id"], c["candidate"]): c for c in store.read_rows(parents["candidates"])}
+    both_ways = [(first, verdicts[(pid, b, a)]) for (pid, a, b), first in verdicts.items()
+                 if a < b and (pid, b, a) in verdicts][:EXAMPLES]
+    return examples_markdown("judge: comparisons, both orders",
+                             [_both_ways_example(first, second, candidates) for first, second in both_ways])
+
+
+def _both_ways_example(first: dict, second: dict, candidates: dict) -> dict:
+    """``first`` judged (a, b) and ``second`` (b, a): both verdicts as p(a better)."""
+    a, b = (candidates[(first["prompt_id"], first[side])] for side in ("a", "b"))
+    return {
+        "instruction": a["prompt"], "reference": a["reference"],
+        f"output {a['candidate']}": a["response"], f"output {b['candidate']}": b["response"],
+        f"p({a['candidate']} better), shown first": first["p_a"],
+        f"p({a['candidate']} better), shown second": 1.0 - second["p_a"],
+        "judge said (both orders)": f"{first['judge_text']!r} / {second['judge_text']!r}",
+    }
+
+
+JUDGMENT_ROWS = pa.schema([
+    ("prompt_id", pa.string()), ("a", pa.int64()), ("b", pa.int64()), ("p_a", pa.float64()), ("parsed", pa.bool_()),
+    ("mode", pa.string()), ("judge_text", pa.string()), ("reference_f1_a", pa.float64()),
+    ("reference_f1_b", pa.float64()), ("prompt_tokens", pa.int64()), ("prompt_truncated", pa.bool_()),
+])
+JUDGE = Stage("judge", None, __name__, schema=JUDGMENT_ROWS, examples=judge_examples,
               shards=Shards(units=candidate_groups, open=judge_backend, compute=judge_groups, metrics=judge_metrics,
                             work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups), unit="comparisons"))
 judge_task = stage_task(JUDGE)

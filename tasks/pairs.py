@@ -11,8 +11,9 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 
 from alignflow.config import PairsConfig
-from alignflow.storage.artifacts import ArtifactRef
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
+from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
 
 
 def group_by_prompt(rows: list[dict]) -> dict[str, list[dict]]:
@@ -89,5 +90,16 @@ def compute_pairs(ctx: RunContext, config: PairsConfig, key: str, candidates: Ar
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics=metrics)
 
 
-PAIRS = Stage("pairs", compute_pairs, __name__)
+def pairs_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
+    return examples_markdown("pairs: chosen vs rejected", [
+        {"prompt": p["prompt"], "reference": p["reference"], "chosen": p["chosen"], "chosen_score": p["chosen_score"],
+         "rejected": p["rejected"], "rejected_score": p["rejected_score"]} for p in store.read_rows(ref)[:EXAMPLES]])
+
+
+PAIR_ROWS = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("reference", pa.string()), ("chosen", pa.string()),
+    ("rejected", pa.string()), ("chosen_candidate", pa.int64()), ("rejected_candidate", pa.int64()),
+    ("chosen_score", pa.float64()), ("rejected_score", pa.float64()),
+])
+PAIRS = Stage("pairs", compute_pairs, __name__, schema=PAIR_ROWS, examples=pairs_examples)
 pairs_task = stage_task(PAIRS)

@@ -5,9 +5,10 @@ beta * (log pi - log pi_ref) (as RewardBench scores DPO models). A pair is
 correct when r(chosen) > r(rejected); ties are reported on their own and are
 not counted as correct.
 
-``policy`` and ``reference`` are each a model or a pref_accuracy artifact that
-already scored that model on the same pairs, so each model's log-probs are
-computed once however many comparisons use them.
+The policy is a model (``policy``) or a pref_accuracy artifact that already
+scored it on the same pairs (``policy_scores``); the reference is always such an
+artifact (``reference_scores``): each model's log-probs are computed once however
+many comparisons use them.
 """
 from __future__ import annotations
 
@@ -57,10 +58,8 @@ def scored_sides(rows: list[dict], pairs: list[dict]) -> tuple[list[float], list
     return [by_id[p["id"]]["chosen_logp"] for p in pairs], [by_id[p["id"]]["rejected_logp"] for p in pairs]
 
 
-def sides_of(ctx: RunContext, ref: ArtifactRef, pairs: list[dict], config: PrefAccuracyConfig):
-    if ref.stage == PREF_ACCURACY.name:
-        return scored_sides(ctx.store().read_rows(ref), pairs)
-    model, tokenizer = load_causal_lm(ctx.model_dir(ref), config.dtype)
+def model_sides(ctx: RunContext, model_ref: ArtifactRef, pairs: list[dict], config: PrefAccuracyConfig):
+    model, tokenizer = load_causal_lm(ctx.model_dir(model_ref), config.dtype)
     progress = Progress("pref_accuracy", 2 * len(pairs), unit="seqs")
     sides = policy_logprobs(model, tokenizer, pairs, config, progress)
     progress.close()
@@ -78,19 +77,30 @@ def accuracy_by_dataset(rows: list[dict]) -> dict:
     return metrics
 
 
-def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str, policy: ArtifactRef,
-                          pairs: ArtifactRef, reference: ArtifactRef | None = None):
-    rows = ctx.store().read_rows(pairs)
-    chosen, rejected = sides_of(ctx, policy, rows, config)
-    ref_chosen, ref_rejected = sides_of(ctx, reference, rows, config) if reference else (None, None)
+def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str, pairs: ArtifactRef,
+                          policy: ArtifactRef | None = None, policy_scores: ArtifactRef | None = None,
+                          reference_scores: ArtifactRef | None = None):
+    if (policy is None) == (policy_scores is None):
+        raise ValueError("pref_accuracy: give either a policy model (policy) or the pref_accuracy artifact "
+                         "that scored it (policy_scores)")
+    store = ctx.store()
+    rows = store.read_rows(pairs)
+    chosen, rejected = (scored_sides(store.read_rows(policy_scores), rows) if policy_scores
+                        else model_sides(ctx, policy, rows, config))
+    ref_chosen, ref_rejected = (scored_sides(store.read_rows(reference_scores), rows) if reference_scores
+                                else (None, None))
     chosen_rewards = implicit_rewards(chosen, config.beta, ref_chosen)
     rejected_rewards = implicit_rewards(rejected, config.beta, ref_rejected)
     out = [{"id": p["id"], "dataset": p["dataset"], "chosen_logp": c, "rejected_logp": r,
             "chosen_reward": cr, "rejected_reward": rr, "correct": cr > rr, "tie": cr == rr}
            for p, c, r, cr, rr in zip(rows, chosen, rejected, chosen_rewards, rejected_rewards)]
     return StageOutput(tables=[pa.Table.from_pylist(out)],
-                       metrics={"with_reference": reference is not None, **accuracy_by_dataset(out)})
+                       metrics={"with_reference": reference_scores is not None, **accuracy_by_dataset(out)})
 
 
-PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy, __name__)
+SCORED_PAIR_ROWS = pa.schema([
+    ("id", pa.string()), ("dataset", pa.string()), ("chosen_logp", pa.float64()), ("rejected_logp", pa.float64()),
+    ("chosen_reward", pa.float64()), ("rejected_reward", pa.float64()), ("correct", pa.bool_()), ("tie", pa.bool_()),
+])
+PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy, __name__, schema=SCORED_PAIR_ROWS)
 pref_accuracy_task = stage_task(PREF_ACCURACY)

@@ -154,5 +154,7 @@ def compute_preferences(ctx, config: PreferenceSet, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics=metrics)
 
 
-PREFERENCES = Stage("preferences", compute_preferences, __name__)
+PREFERENCE_ROWS = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
+                             ("rejected", pa.string()), ("dataset", pa.string()), ("prompt_id", pa.string())])
+PREFERENCES = Stage("preferences", compute_preferences, __name__, schema=PREFERENCE_ROWS)
 preferences_task = stage_task(PREFERENCES)

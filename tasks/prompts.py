@@ -83,5 +83,6 @@ def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics={"rows_out": len(rows)})
 
 
-PROMPTS = Stage("prompts", compute_prompts, __name__)
+PROMPT_ROWS = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("reference", pa.string())])
+PROMPTS = Stage("prompts", compute_prompts, __name__, schema=PROMPT_ROWS)
 prompts_task = stage_task(PROMPTS)

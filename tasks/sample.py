@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 import zlib
 
+import pyarrow as pa
+
 from alignflow.config import SampleConfig
+from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
+from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
 from alignflow.workers.backend import GenerationParams, shared_backend
 from alignflow.workers.chat import fit_prompt
 
@@ -61,7 +65,9 @@ def sample_metrics(out: list[dict], seconds: float) -> dict:
 
 
 def prompt_units(ctx: RunContext, config: SampleConfig, parents: dict) -> list[dict]:
-    return distinct_prompts(ctx.store().read_rows(parents["prompts"]), config.max_prompts)
+    """The prompts to sample: a ``prompts`` artifact's, or a ``preferences`` artifact's (GEM)."""
+    source = parents["prompts"] if "prompts" in parents else parents["preferences"]
+    return distinct_prompts(ctx.store().read_rows(source), config.max_prompts)
 
 
 def policy_backend(ctx: RunContext, config: SampleConfig, parents: dict):
@@ -69,7 +75,28 @@ def policy_backend(ctx: RunContext, config: SampleConfig, parents: dict):
                           batch_size=config.batch_size)
 
 
-SAMPLE = Stage("sample", None, __name__,
+def sample_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
+    """The first candidate of the first prompts."""
+    firsts = [r for r in store.read_rows(ref) if r["candidate"] == 0][:EXAMPLES]
+    return examples_markdown("sample: a candidate per prompt", [
+        {"prompt": r["prompt"], "reference": r["reference"], "candidate": r["response"],
+         "tokens": len(r["token_ids"]), "finish_reason": r["finish_reason"]} for r in firsts])
+
+
+CANDIDATE_ROWS = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("reference", pa.string()),  # no reference: preferences
+    ("prompt_truncated", pa.bool_()), ("prompt_ids", pa.list_(pa.int64())), ("prompt_tokens", pa.int64()),
+    ("candidate", pa.int64()), ("response", pa.string()), ("token_ids", pa.list_(pa.int64())),
+    ("logprobs", pa.list_(pa.float64())), ("finish_reason", pa.string()),
+])
+
+
+def candidate_rows(config: SampleConfig) -> pa.Schema:
+    """CoT sampling (GEM) also keeps each step's entropy."""
+    return CANDIDATE_ROWS.append(pa.field("entropies", pa.list_(pa.float64()))) if config.cot else CANDIDATE_ROWS
+
+
+SAMPLE = Stage("sample", None, __name__, schema=candidate_rows, examples=sample_examples,
                shards=Shards(units=prompt_units, open=policy_backend,
                              compute=sample_candidates, metrics=sample_metrics,
                              work=lambda prompts, config: len(prompts) * config.n, unit="samples"))

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from alignflow.storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
+from alignflow.tasks.stage_report import in_prefect_run, publish_stage_report
 from alignflow.tasks.code_graph import CodeGraph, project_graph
 
 log = logging.getLogger("alignflow")
@@ -101,6 +103,13 @@ class Stage:
     shards: Shards | None = None
     # modules a config picks at run time (a GENIES intervention), outside the stage module's own imports
     config_modules: Callable[[BaseModel], tuple[str, ...]] | None = None
+    # its output rows: one schema, or one per config (columns only some configs write); commit checks against it
+    schema: pa.Schema | Callable[[BaseModel], pa.Schema] | None = None
+    # a few example rows (or training curves) as markdown for the Prefect UI: (store, artifact, parents) -> markdown
+    examples: Callable[[ArtifactStore, ArtifactRef, dict[str, ArtifactRef]], str] | None = None
+
+    def output_schema(self, config: BaseModel) -> pa.Schema | None:
+        return self.schema(config) if callable(self.schema) else self.schema
 
     def code_version(self, config: BaseModel, graph: CodeGraph | None = None) -> str:
         """Hash of the code that decides this stage's numbers (with model library versions where it runs a model)."""
@@ -125,10 +134,12 @@ class Stage:
         ref = store.commit(
             self.name, key, tables=out.tables, shards=out.shards, local_dirs=out.dirs, parents=list(parents.values()),
             config=config.model_dump(mode="json"), code_version=self.code_version(config), metrics=metrics,
+            schema=self.output_schema(config),
         )
         if out.scratch:
             shutil.rmtree(out.scratch, ignore_errors=True)
-        publish_stage_report(self.name, ref, metrics, rows_in=_rows_in(store, parents))
+        examples = partial(self.examples, store, ref, parents) if self.examples else None
+        publish_stage_report(self.name, ref, metrics, rows_in=_rows_in(store, parents), examples=examples)
         log.info("%s: committed %s", self.name, ref.uri)
         return ref
 
@@ -174,8 +185,8 @@ class Stage:
         rows, _ = self.shards.compute(model, units, config, progress)
         seconds = round(time.perf_counter() - started, 3)
         return ctx.store().write_shard(self.name, key, index, pa.Table.from_pylist(rows),
-                                       work=self.shards.work(units, config), seconds=seconds, worker=_worker(),
-                                       torch_threads=torch.get_num_threads())
+                                       schema=self.output_schema(config), work=self.shards.work(units, config),
+                                       seconds=seconds, worker=_worker(), torch_threads=torch.get_num_threads())
 
 
 def run_shards(stage: Stage, ctx: RunContext, config: BaseModel, key: str, parents: dict, todo: dict[int, list],
@@ -256,23 +267,6 @@ def fail_once_if_asked(stage: str) -> None:
 
 def is_transient(_task, _run, state) -> bool:
     return not isinstance(state.data, BAD_INPUT)
-
-
-def in_prefect_run() -> bool:
-    from prefect.context import TaskRunContext
-
-    return TaskRunContext.get() is not None
-
-
-def publish_stage_report(stage: str, ref: ArtifactRef, metrics: dict, rows_in: int) -> None:
-    """A table artifact in the Prefect UI: rows in/out, tokens, speed and the stage's own metrics."""
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_table_artifact
-
-    table = [{"metric": "artifact", "value": ref.uri}, {"metric": "rows_in", "value": rows_in}]
-    table += [{"metric": k, "value": v} for k, v in metrics.items()]
-    create_table_artifact(key=f"{stage.replace('_', '-')}-report", table=table, description=f"{stage}: {ref.uri}")
 
 
 class Progress:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from alignflow.config import DPOConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import RunContext, Stage, stage_task
-from alignflow.tasks.training import Objective, fit
+from alignflow.tasks.training import Objective, curves, fit, history_schema
 from alignflow.workers.scoring import pack, response_logprob_sums
 
 
@@ -41,6 +41,9 @@ def dpo_objective(config: DPOConfig, pad_id: int) -> Objective:
     return Objective("train_dpo", batch_loss)
 
 
+DPO_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
 def summarize(losses, chosen_rewards, rejected_rewards) -> dict:
     margins = chosen_rewards - rejected_rewards
     return {
@@ -55,5 +58,6 @@ def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: Arti
     return fit(ctx, "train_dpo", key, policy, rows, config, lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id))
 
 
-TRAIN_DPO = Stage("train_dpo", compute_train_dpo, __name__)
+TRAIN_DPO = Stage("train_dpo", compute_train_dpo, __name__, schema=history_schema(*DPO_METRICS),
+                  examples=curves("loss", "reward_accuracy"))
 train_dpo_task = stage_task(TRAIN_DPO)

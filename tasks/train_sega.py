@@ -22,7 +22,7 @@ import torch
 from alignflow.config import SEGAConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import RunContext, Stage, stage_task
-from alignflow.tasks.training import Objective, fit
+from alignflow.tasks.training import Objective, curves, fit, history_schema
 from alignflow.workers.scoring import map_batches, pack, response_token_logprobs
 
 
@@ -123,5 +123,6 @@ def compute_train_sega(ctx: RunContext, config: SEGAConfig, key: str, policy: Ar
     return out
 
 
-TRAIN_SEGA = Stage("train_sega", compute_train_sega, __name__)
+TRAIN_SEGA = Stage("train_sega", compute_train_sega, __name__,
+                   schema=history_schema("loss", "policy_loss", "kl", "mean_token_logp"), examples=curves("loss"))
 train_sega_task = stage_task(TRAIN_SEGA)

@@ -13,7 +13,7 @@ import torch
 from alignflow.config import SFTConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import RunContext, Stage, stage_task
-from alignflow.tasks.training import Objective, fit
+from alignflow.tasks.training import Objective, curves, fit, history_schema
 from alignflow.workers.chat import end_of_turn_ids, fit_prompt, response_ids
 from alignflow.workers.scoring import pack
 
@@ -70,5 +70,5 @@ def compute_train_sft(ctx: RunContext, config: SFTConfig, key: str, policy: Arti
                lambda tokenizer: sft_objective(tokenizer.pad_token_id), prepare=tokenized)
 
 
-TRAIN_SFT = Stage("train_sft", compute_train_sft, __name__)
+TRAIN_SFT = Stage("train_sft", compute_train_sft, __name__, schema=history_schema("loss"), examples=curves("loss"))
 train_sft_task = stage_task(TRAIN_SFT)

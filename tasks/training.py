@@ -32,6 +32,7 @@ import torch.distributed as dist
 from alignflow.config import TrainConfig
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import Progress, RunContext, StageOutput
+from alignflow.tasks.stage_report import training_curves_markdown
 from alignflow.workers.backend import release_backends
 from alignflow.workers.models import load_causal_lm
 
@@ -394,6 +395,21 @@ def sort_target_modules(adapter_config: Path) -> None:
 def significant(value: float, digits: int = 4) -> float:
     """Rounded to significant digits: SEGA losses are often around 1e-5."""
     return float(f"{value:.{digits}g}")
+
+
+def history_schema(*metrics: str) -> pa.Schema:
+    """A training stage's committed table, ``TrainState.log``: a row per optimizer step (split
+    "train", with its learning rate and gradient norm) and per validation (split "val"), each
+    with the objective's ``metrics`` (means over the step's rows)."""
+    return pa.schema([("step", pa.int64()), ("split", pa.string()), ("lr", pa.float64()),
+                      ("grad_norm", pa.float64()), *((name, pa.float64()) for name in metrics)])
+
+
+def curves(*metrics: str) -> Callable[[ArtifactStore, ArtifactRef, dict], str]:
+    """A training stage's examples in the Prefect UI: ``metrics`` per step, drawn from its committed history."""
+    def markdown(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
+        return training_curves_markdown(ref.stage, store.read_table(ref), list(metrics))
+    return markdown
 
 
 def training_metrics(before: dict, after: dict, state: TrainState, train_rows: list, val_rows: list) -> dict:

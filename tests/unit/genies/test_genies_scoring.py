@@ -187,7 +187,8 @@ def test_score_table_turns_p_a_into_p_preferred():
     assert metrics["accuracy"] == pytest.approx((1 + 1 + 0.5) / 3) and metrics["pairs"] == 3
     assert metrics["brier"] == pytest.approx((0.01 + 0.04 + 0.25) / 3)
     table, metrics = score_table(rows, Scores(accuracy=0.25))
-    assert metrics == {"accuracy": 0.25, "pairs": 3} and table.column_names == ["pair_id"]
+    assert metrics == {"accuracy": 0.25, "pairs": 3}
+    assert table.column("p_preferred").null_count == 3 and table.column("preferred").to_pylist() == [0, 1, 1]
 
 
 def test_records_from_pairs_rebuild_the_records():
