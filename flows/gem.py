@@ -24,6 +24,7 @@ from alignflow.tasks.stage import RELEASE_HOOKS, run_context
 from alignflow.tasks.train_dpo import train_dpo_task
 from alignflow.tasks.train_sega import train_sega_task
 from alignflow.tasks.train_sft import train_sft_task
+from alignflow.workers.hardware import resolve_dtypes
 
 
 def genies_dir(config: GemConfig) -> Path:
@@ -32,6 +33,7 @@ def genies_dir(config: GemConfig) -> Path:
 
 @flow(name="gem", **RELEASE_HOOKS)
 def gem(config: GemConfig = GemConfig()) -> dict:
+    config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
     train = preferences_task(ctx, preference_set(config.train, genies_dir(config), config.columns,
                                                  config.max_train_pairs, config.seed))

@@ -21,6 +21,7 @@ from alignflow.genies.stages import (genies_evaluate_task, genies_pairs_task, ge
                            pairs_spec)
 from alignflow.tasks.base_model import base_model_task
 from alignflow.tasks.stage import RELEASE_HOOKS, run_context
+from alignflow.workers.hardware import resolve_dtypes
 
 
 def data_dir(config: GeniesConfig) -> Path:
@@ -48,6 +49,7 @@ def model_name(config: GeniesConfig) -> str:
 
 @flow(name="genies-eval", **RELEASE_HOOKS)
 def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
+    config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
     root = data_dir(config)
     shifts = load_shifts(config.shifts)[: config.limit_shifts]

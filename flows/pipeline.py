@@ -17,6 +17,7 @@ from alignflow.flows.genies_eval import genies_eval
 from alignflow.flows.report import publish_pipeline
 from alignflow.flows.self_improve import self_improve
 from alignflow.tasks.stage import run_context
+from alignflow.workers.hardware import resolve_dtypes
 
 
 def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
@@ -28,6 +29,7 @@ def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
 
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+    config = resolve_dtypes(config)  # each half for its own executor; the subflows' parameters show the result
     training = self_improve(config=config.training)
     model = trained_model_dir(config.training, training)
     evaluation = genies_eval(config=config.genies.model_copy(update={"model": str(model)}))

@@ -20,6 +20,7 @@ from alignflow.tasks.prompts import prompt_source, prompts_task
 from alignflow.tasks.sample import sample_task
 from alignflow.tasks.stage import RELEASE_HOOKS, run_context
 from alignflow.tasks.train_dpo import train_dpo_task
+from alignflow.workers.hardware import resolve_dtypes
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ TASKS = Steps(prompts_task, base_model_task, sample_task, judge_task, pairs_task
 
 def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, list[dict[str, ArtifactRef]]]:
     """The prompts artifact and each round's artifacts, by stage."""
+    config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
     prompts = steps.prompts(ctx, prompt_source(config.prompts, config.limit_prompts))
     policy = steps.base_model(config.model, ctx.model_cache)

@@ -18,8 +18,8 @@ from alignflow.config import JudgeConfig
 from alignflow.tasks.pairs import group_by_prompt, unique_candidates
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
-from alignflow.workers.backend import GenerationParams, shared_backend
 from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
+from alignflow.workers.backend import GenerationParams, regroup, shared_backend
 from alignflow.workers.chat import fit_prompt
 
 _RULES = (
@@ -95,9 +95,13 @@ def ordered_pairs(candidates: list[dict]) -> list[tuple[dict, dict]]:
     return [(a, b) for a in candidates for b in candidates if a["candidate"] != b["candidate"]]
 
 
-def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None) -> tuple[list[dict], dict]:
+def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None,
+                     reuse_prefix: bool = True) -> tuple[list[dict], dict]:
+    """Every ordered comparison of each prompt's candidates. ``reuse_prefix=False`` runs each
+    comparison's whole prompt (bench/bench_judge.py measures the two ways side by side)."""
     tok = backend.tokenizer
-    comparisons = [pair for cands in _grouped_unique(rows) for pair in ordered_pairs(cands)]
+    groups = [pairs for pairs in map(ordered_pairs, _grouped_unique(rows)) if pairs]
+    comparisons = [pair for pairs in groups for pair in pairs]
     prefix_ids = tok(config.answer_prefix, add_special_tokens=False)["input_ids"] if config.answer_prefix else []
     prompts, truncated = [], []
     for a, b in comparisons:
@@ -105,13 +109,16 @@ def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=No
         _, ids, cut = fit_prompt(tok, text, config.max_prompt_tokens - len(prefix_ids))
         prompts.append(ids + prefix_ids)
         truncated.append(cut)
-    params = GenerationParams(
-        temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
-    )
     started = time.perf_counter()
-    outputs = backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)
+    if prefix_ids and reuse_prefix:  # the label is the first generated token: one forward pass after a shared prefix
+        outputs = [c for group in backend.next_token(regroup(prompts, map(len, groups)), config.top_logprobs, progress)
+                   for c in group]
+    else:
+        params = GenerationParams(temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens,
+                                  top_logprobs=config.top_logprobs)
+        outputs = [c[0] for c in backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)]
     seconds = time.perf_counter() - started
-    out = [_judgment(a, b, c[0], tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
+    out = [_judgment(a, b, c, tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
            for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)]
     return out, judge_metrics(out, seconds)
 

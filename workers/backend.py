@@ -3,7 +3,9 @@ stage gets its backend from (``shared_backend``)."""
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -42,8 +44,18 @@ class Backend(Protocol):
         """n completions per prompt; seeds[i] makes prompt i's samples reproducible
         regardless of which other prompts share its batch. ``progress(k)``: k more rows done."""
 
+    def next_token(self, groups: list[list[list[int]]], top_logprobs: int, progress=None) -> list[list[Completion]]:
+        """One greedy token (with its top-k raw log-probs) per prompt of each group, the prompts of a
+        group sharing a prefix that is computed once (the judge's comparisons of one instruction)."""
+
     def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]], progress=None) -> list[float]:
         """Summed float32 log-probs of each response given its prompt."""
+
+
+def regroup(items: list, sizes: Iterable[int]) -> list[list]:
+    """A flat list cut back into consecutive groups of the given sizes."""
+    starts = [0, *itertools.accumulate(sizes)]
+    return [items[a:b] for a, b in zip(starts, starts[1:])]
 
 
 _loaded: dict[tuple, Backend] = {}  # this process's one loaded inference model

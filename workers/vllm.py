@@ -22,8 +22,9 @@ from types import SimpleNamespace
 
 import torch
 
-from alignflow.workers.backend import Completion, GenerationParams
+from alignflow.workers.backend import Completion, GenerationParams, regroup
 from alignflow.workers.chat import end_of_turn_ids
+from alignflow.workers.hardware import local_device, resolve_dtype
 
 
 class VLLMBackend:
@@ -35,7 +36,10 @@ class VLLMBackend:
         model = SimpleNamespace(generation_config=_generation_config(model_dir))
         self.stop_ids = end_of_turn_ids(self.tokenizer, model)
         self.llm = LLM(
-            model=str(model_dir), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            model=str(model_dir), dtype=resolve_dtype(dtype, local_device()),
+            tensor_parallel_size=tensor_parallel_size,
+            # the judge's comparisons of one prompt share rules, instruction and reference: computed once
+            enable_prefix_caching=True,
             # CUDA graphs pay off on GPUs; on CPU, torch.compile adds over a minute to each engine start
             enforce_eager=not torch.cuda.is_available(),
             logprobs_mode="raw_logprobs", max_logprobs=-1,  # -1: up to the whole vocabulary, like hf's top-k
@@ -66,6 +70,13 @@ class VLLMBackend:
             progress(len(prompts) * params.n)
         return [[self._completion(c, params) for c in sorted(o.outputs, key=lambda c: c.index) for _ in range(copies)]
                 for o in outputs]
+
+    def next_token(self, groups: list[list[list[int]]], top_logprobs: int, progress=None) -> list[list[Completion]]:
+        """One greedy token per prompt of each group; the engine's prefix caching reuses a group's shared prefix."""
+        params = GenerationParams(temperature=0.0, max_new_tokens=1, top_logprobs=top_logprobs)
+        flat = self.generate([p for prompts in groups for p in prompts], params, seeds=[0] * sum(map(len, groups)),
+                             progress=progress)
+        return regroup([c[0] for c in flat], map(len, groups))
 
     def _sampling_params(self, params: GenerationParams, n: int, seed: int):
         from vllm import SamplingParams

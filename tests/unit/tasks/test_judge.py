@@ -5,7 +5,7 @@ import math
 import pytest
 
 from alignflow.config import JudgeConfig
-from alignflow.workers.backend import Completion
+from alignflow.workers.backend import Completion, regroup
 from alignflow.tasks.judge import (
     agreement_metrics,
     judge_candidates,
@@ -193,6 +193,10 @@ class _ScriptedJudge:
             top[label_at] = self.label_top
         return [[Completion(token_ids=ids, text=self.text, logprobs=[-0.01] * len(ids), finish_reason="stop",
                             top_logprobs=top)] for _ in prompts]
+
+    def next_token(self, groups, top_logprobs, progress=None):
+        flat = self.generate([p for group in groups for p in group], None, None)
+        return regroup([c[0] for c in flat], map(len, groups))
 
 
 def _candidate_rows(response_a):
