@@ -11,6 +11,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
 from alignflow.storage.s3 import masked_credentials, secret_option_names
 
@@ -20,6 +21,11 @@ BackendKind = Literal["hf", "vllm"]  # hf: transformers, CPU or GPU; vllm: the v
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def sections(cls) -> dict[str, type[BaseModel]]:
+        """Keys validated by a class known only at run time (GeniesConfig's interventions); none here."""
+        return {}
 
 
 def alignflow_home() -> Path:
@@ -200,17 +206,22 @@ class RayConfig(Strict):
     shard_retries: int = Field(2, ge=0, description="times a shard is retried on a new actor after its actor died")
 
 
-class SelfImproveConfig(Strict):
-    """The RefEval flow: sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
+class RunConfig(Strict):
+    """What every flow's config shares: the model it starts from, where its stages run, where it writes."""
 
     model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
-    prompts: str = Field("builtin:demo", description="builtin:demo, or a .jsonl / .parquet file")
-    limit_prompts: int | None = Field(None, ge=2)
-    rounds: int = Field(1, ge=1)
     executor: Literal["local", "ray"] = "local"
     ray: RayConfig = RayConfig()
     paths: Paths = Paths()
     storage: Storage = Storage()
+
+
+class SelfImproveConfig(RunConfig):
+    """The RefEval flow: sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
+
+    prompts: str = Field("builtin:demo", description="builtin:demo, or a .jsonl / .parquet file")
+    limit_prompts: int | None = Field(None, ge=2)
+    rounds: int = Field(1, ge=1)
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()
@@ -224,32 +235,14 @@ class GeniesScoringConfig(Strict):
     dtype: Dtype = "auto"
 
 
-class FewShotConfig(Strict):
-    k: int = Field(4, ge=1, description="source examples (prompt + preferred response) prepended")
-    max_prefix_tokens: int = Field(1024, ge=16, description="the examples keep their last this many tokens")
-    seed: int = 0
+class GeniesConfig(RunConfig):
+    """The genies-eval flow: interventions x shifts -> accuracies, metrics, leaderboard, report.
 
+    Each built-in intervention with parameters has a section named after it (``few_shot:``,
+    ``dpo:``, ...), validated by the config class that lives beside the intervention
+    (genies/interventions/); sections left out take that class's defaults."""
 
-class LoraRewardConfig(Strict):
-    lora: LoraConfig = LoraConfig(r=64, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    lr: float = Field(2e-4, gt=0.0)
-    steps: int = Field(150, ge=1)
-    batch_size: int = Field(8, ge=1, description="pairs per step")
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    seed: int = 0
-
-
-class MassMeanShiftConfig(Strict):
-    top_layers: int = Field(16, ge=1, description="layers kept, ranked by held-out probe accuracy")
-    held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="training pairs that rank layers and calibrate")
-    seed: int = 0
-
-
-class GeniesConfig(Strict):
-    """The genies-eval flow: interventions x shifts -> accuracies, metrics, leaderboard, report."""
-
-    model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
+    model_config = ConfigDict(extra="allow", frozen=True)  # the extras are the sections, checked below
     data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
     shifts: str = Field("builtin:genies", description="builtin:genies or a shift spec JSON file")
     limit_shifts: int | None = Field(None, ge=1)
@@ -261,15 +254,42 @@ class GeniesConfig(Strict):
     max_train_pairs: int | None = Field(64, ge=2, description="cap per distribution (seeded subset)")
     max_eval_pairs: int | None = Field(64, ge=1, description="cap per distribution (seeded subset)")
     seed: int = 0
-    executor: Literal["local", "ray"] = "local"
-    ray: RayConfig = RayConfig()
-    paths: Paths = Paths()
-    storage: Storage = Storage()
     scoring: GeniesScoringConfig = GeniesScoringConfig()
-    few_shot: FewShotConfig = FewShotConfig()
-    lora_reward_model: LoraRewardConfig = LoraRewardConfig()
-    mass_mean_shift: MassMeanShiftConfig = MassMeanShiftConfig()
-    dpo: DPOConfig = DPOConfig(lr=1e-4, epochs=2, val_fraction=0.0)
+
+    @classmethod
+    def sections(cls) -> dict[str, type[BaseModel]]:
+        from alignflow.genies.interventions import config_sections  # they import this module: not at its top
+
+        return config_sections()
+
+    def section_params(self, intervention: str) -> dict:
+        """An intervention's validated parameters; {} for one without a section (zero_shot)."""
+        section = getattr(self, intervention, None) if intervention in self.sections() else None
+        return section.model_dump(mode="json") if section is not None else {}
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_sections(cls, data, handler):
+        """Every section through its intervention's config class, errors named ``few_shot.k`` as
+        for any nested field; any other unknown key is refused as everywhere else."""
+        if not isinstance(data, dict):
+            return handler(data)
+        data, errors = dict(data), []
+        sections = cls.sections()
+        for key in sorted(data.keys() - cls.model_fields.keys() - sections.keys()):
+            errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=data[key]))
+        for name, section in sections.items():
+            try:
+                data[name] = section.model_validate(data.get(name, {}))
+            except ValidationError as e:
+                errors += _error_details(e, prefix=(name,))
+        try:
+            config = handler(data)
+        except ValidationError as e:
+            errors = _error_details(e) + errors
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return config
 
 
 class SFTConfig(TrainConfig):
@@ -320,11 +340,10 @@ class PrefAccuracyConfig(Strict):
     dtype: Dtype = "auto"
 
 
-class GemConfig(Strict):
+class GemConfig(RunConfig):
     """The gem flow: reflective SFT -> k CoT candidates with entropies -> Eq. 1
     filtering -> SEGA -> preference accuracy (base, SFT, GEM, and DPO to compare)."""
 
-    model: str = Field("smollm2-135m-instruct", description="built-in model name or a HF model directory")
     train: dict[str, str] = Field(
         {"alpaca_low_quality": "genies:alpaca_low_quality:train", "alpaca_mmlu": "genies:alpaca_mmlu:train"},
         description="name -> .jsonl, .parquet, a datasets folder or genies:DISTRIBUTION:SPLIT")
@@ -337,10 +356,6 @@ class GemConfig(Strict):
     max_eval_pairs: int | None = Field(None, ge=1, description="cap per evaluation set (seeded subset)")
     seed: int = 0
     compare_dpo: bool = Field(True, description="also train DPO from the base model on the same pairs")
-    executor: Literal["local", "ray"] = "local"
-    ray: RayConfig = RayConfig()
-    paths: Paths = Paths()
-    storage: Storage = Storage()
     sft: SFTConfig = SFTConfig()
     sample: SampleConfig = SampleConfig(n=4, temperature=1.0, top_p=0.95, cot=True)
     entropy: EntropyConfig = EntropyConfig()
@@ -364,7 +379,7 @@ class PipelineConfig(Strict):
     ``genies`` (its ``model`` is replaced by the trained policy)."""
 
     training: SelfImproveConfig = SelfImproveConfig()
-    genies: GeniesConfig = GeniesConfig()
+    genies: GeniesConfig = Field(default_factory=GeniesConfig)  # built when used: its sections import the interventions
 
     @property
     def paths(self) -> Paths:
@@ -439,8 +454,25 @@ def _explain(kind: type[Strict], error: ValidationError, path) -> str:
 
 def _fields_at(kind: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
-        field = kind.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        nested = _nested_models(kind).get(str(part))
+        if nested is None:
             break
-        kind = field.annotation
-    return sorted(kind.model_fields)
+        kind = nested
+    return sorted([*kind.model_fields, *_sections(kind)])
+
+
+def _sections(kind: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    return kind.sections() if issubclass(kind, Strict) else {}
+
+
+def _nested_models(kind: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Keys of ``kind`` whose values are config models themselves."""
+    models = {name: f.annotation for name, f in kind.model_fields.items()
+              if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    return {**models, **_sections(kind)}
+
+
+def _error_details(error: ValidationError, prefix: tuple = ()) -> list[InitErrorDetails]:
+    """A validation error's items, re-raisable as part of another model's error under ``prefix``."""
+    return [InitErrorDetails(type=e["type"], loc=(*prefix, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+            for e in error.errors()]

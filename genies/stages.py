@@ -71,7 +71,7 @@ def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
             specs.append(InterventionSpec(name=name, scoring=config.scoring, script_dir=str(folder),
                                           script_sha256=_scripts_hash(folder)))
         else:
-            params = getattr(config, name).model_dump(mode="json") if name != "zero_shot" else {}
+            params = config.section_params(name)
             specs.append(InterventionSpec(name=name, params=params, scoring=config.scoring))
     return specs
 
@@ -85,7 +85,7 @@ def _scripts_hash(folder: Path) -> str:
 
 def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef):
     rows = ctx.store().read_rows(pairs)
-    intervention = make_intervention(spec, checkpoints=(ctx.store(), key))
+    intervention = make_intervention(spec, checkpoints=(ctx, key))
     out = Path(tempfile.mkdtemp(prefix="alignflow-genies-train-"))
     (out / "state").mkdir()
     metrics = intervention.train(ctx.model_dir(model), rows, out / "state", None)
@@ -98,7 +98,7 @@ def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: Arti
 def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef,
                      state: ArtifactRef | None = None):
     rows = ctx.store().read_rows(pairs)
-    intervention = make_intervention(spec, checkpoints=(ctx.store(), key))
+    intervention = make_intervention(spec, checkpoints=(ctx, key))
     state_dir = ctx.store().local_dir(state, "state", Path(ctx.model_cache) / "artifacts") if state else None
     progress = Progress(f"evaluate {spec.name}", len(rows), unit="pairs")
     scores = intervention.evaluate(ctx.model_dir(model), state_dir, rows, progress)

@@ -422,13 +422,15 @@ def training_metrics(before: dict, after: dict, state: TrainState, train_rows: l
     }
 
 
-def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef, rows: list[dict], config: TrainConfig,
+def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef | Path, rows: list[dict], config: TrainConfig,
         objective_for: Callable[..., Objective], prepare: Callable[..., list[dict]] | None = None) -> StageOutput:
     """A training stage end to end: ``prepare(model, tokenizer, rows)`` (tokenise,
     reference numbers) while the model is still the starting policy, split, measure
     before, train with checkpoints, measure after, save adapter + merged model.
-    With a ZeRO strategy every rank runs it and rank 0's output comes back."""
-    job = partial(fit_on_rank, ctx, stage, key, ctx.model_dir(policy), rows, config, objective_for, prepare)
+    With a ZeRO strategy every rank runs it and rank 0's output comes back.
+    ``policy``: a model artifact, or a local model folder (the GENIES dpo intervention's base)."""
+    model_dir = policy if isinstance(policy, Path) else ctx.model_dir(policy)
+    job = partial(fit_on_rank, ctx, stage, key, model_dir, rows, config, objective_for, prepare)
     strategy = config.distributed.strategy
     if strategy == "none":
         return job()

@@ -1,29 +1,45 @@
-"""Built-in interventions by name, and the factory the stages use."""
+"""Built-in interventions by name, and the factory the stages use.
+
+Every module of this folder is imported here, so an intervention registers itself
+(``@register`` in base.py): adding one is adding a module, nothing else.
+"""
 from __future__ import annotations
 
-from alignflow.config import DPOConfig, FewShotConfig, LoraRewardConfig, MassMeanShiftConfig
-from alignflow.genies.interventions.base import Intervention
-from alignflow.genies.interventions.dpo import DPO
-from alignflow.genies.interventions.lora_rm import LoraRewardModel
-from alignflow.genies.interventions.mass_mean import MassMeanShift
-from alignflow.genies.interventions.script import ScriptIntervention
-from alignflow.genies.interventions.zero_shot import FewShot, ZeroShot
+import importlib
+import pkgutil
 
-BUILDERS = {
-    "zero_shot": lambda spec, _: ZeroShot(spec.scoring),
-    "few_shot": lambda spec, _: FewShot(spec.scoring, FewShotConfig(**spec.params)),
-    "lora_reward_model": lambda spec, _: LoraRewardModel(spec.scoring, LoraRewardConfig(**spec.params)),
-    "mass_mean_shift": lambda spec, _: MassMeanShift(spec.scoring, MassMeanShiftConfig(**spec.params)),
-    "dpo": lambda spec, checkpoints: DPO(spec.scoring, DPOConfig(**spec.params), checkpoints),
-}
-BUILTIN = tuple(BUILDERS)
+from pydantic import BaseModel
+
+from alignflow.genies.interventions.base import REGISTRY, Intervention, Registration
+from alignflow.genies.interventions.script import ScriptIntervention
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+BUILTIN = tuple(sorted(REGISTRY))
+
+
+def registration(name: str) -> Registration:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown intervention '{name}'; built in: {', '.join(BUILTIN)}")
+    return REGISTRY[name]
+
+
+def intervention_module(name: str) -> str:
+    """The module implementing built-in intervention ``name``."""
+    return registration(name).module
+
+
+def config_sections() -> dict[str, type[BaseModel]]:
+    """Intervention name -> the config class of its section in the GENIES config."""
+    return {name: r.config for name, r in sorted(REGISTRY.items()) if r.config is not None}
 
 
 def make_intervention(spec, checkpoints=None) -> Intervention:
     """The intervention a spec names; ``spec.script_dir`` set means an external script folder.
-    ``checkpoints`` = (store, key) where resumable training keeps its checkpoints."""
+    ``checkpoints`` = (run context, stage key): where resumable training keeps its checkpoints."""
     if spec.script_dir:
         return ScriptIntervention(spec.name, spec.script_dir)
-    if spec.name not in BUILDERS:
-        raise ValueError(f"unknown intervention '{spec.name}'; built in: {', '.join(BUILTIN)}")
-    return BUILDERS[spec.name](spec, checkpoints)
+    entry = registration(spec.name)
+    config = entry.config.model_validate(spec.params) if entry.config else None
+    return entry.cls(spec.scoring, config, checkpoints)

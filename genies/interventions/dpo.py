@@ -1,17 +1,28 @@
-"""dpo: train the policy on the source pairs with this project's DPO training
-loop; a response's score is its implicit reward beta * (log pi - log pi_ref)."""
+"""dpo: train the policy on the source pairs with this project's DPO stage objective
+and training loop (``fit``); a response's score is its implicit reward
+beta * (log pi - log pi_ref)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from alignflow.config import DPOConfig, GeniesScoringConfig
-from alignflow.genies.interventions.base import Scores
+from pydantic import Field
+
+from alignflow.config import DPOConfig
+from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
-from alignflow.storage.artifacts import ArtifactStore
 from alignflow.tasks.train_dpo import dpo_objective
-from alignflow.tasks.training import Checkpoints, prepare_model, save_models, split_rows, train
+from alignflow.tasks.training import fit
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums
+
+
+class GeniesDPOConfig(DPOConfig):
+    """DPO as a GENIES intervention: more steps on the few source pairs, no validation split."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    epochs: int = Field(2, ge=1)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 def dpo_rows(seqs: Sequences, pairs: list[dict]) -> list[dict]:
@@ -34,30 +45,26 @@ def add_reference_logprobs(model, pad_id: int, rows: list[dict], token_budget: i
         row["chosen_logp"], row["rejected_logp"] = sums[i], sums[len(rows) + i]
 
 
-class DPO:
-    name = "dpo"
+@register("dpo", GeniesDPOConfig)
+class DPO(BuiltinIntervention):
     trains = True
-
-    def __init__(self, scoring: GeniesScoringConfig, config: DPOConfig, checkpoints: tuple[ArtifactStore, str]):
-        self.scoring = scoring
-        self.config = config
-        self.checkpoints = checkpoints  # where train_dpo keeps resumable checkpoints
+    config: GeniesDPOConfig
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
-        reference, tokenizer = load_causal_lm(base, "float32")
+        ctx, key = self.run  # checkpoints go under the genies_train stage's key
+        output = fit(ctx, "genies_train", key, base, pairs, self.config,
+                     lambda tokenizer: dpo_objective(self.config, tokenizer.pad_token_id), self._with_reference)
+        for name, folder in output.dirs.items():
+            shutil.move(folder, out / name)
+        shutil.rmtree(output.scratch, ignore_errors=True)
+        return {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}  # the train table is numbers
+
+    def _with_reference(self, model, tokenizer, pairs: list[dict]) -> list[dict]:
+        """Training rows with the reference log-probs. ``fit`` calls this with the starting
+        policy, which is the reference: LoRA's B starts at zero, so its outputs are the base model's."""
         rows = dpo_rows(encode_pairs(tokenizer, pairs, self.scoring.max_tokens), pairs)
-        add_reference_logprobs(reference, tokenizer.pad_token_id, rows, self.scoring.token_budget)
-        del reference
-        train_rows, val_rows = split_rows(rows, self.config.val_fraction, self.config.seed)
-        model, tokenizer = prepare_model(base, self.config)
-        store, key = self.checkpoints
-        objective = dpo_objective(self.config, tokenizer.pad_token_id)
-        state = train(model, train_rows, val_rows, self.config, objective, Checkpoints(store, "genies_train", key), progress)
-        model.eval()
-        save_models(model, tokenizer, self.config, out)
-        last = state.log[-1] if state.log else {}
-        return {"steps": state.step, "train_pairs": len(train_rows), "last_loss": round(last.get("loss", 0.0), 4),
-                "last_reward_accuracy": round(last.get("reward_accuracy", 0.0), 4)}
+        add_reference_logprobs(model, tokenizer.pad_token_id, rows, self.scoring.token_budget)
+        return rows
 
     def evaluate(self, base: Path, state: Path | None, pairs: list[dict], progress=None) -> Scores:
         policy, tokenizer = load_causal_lm(state / "merged", "float32")

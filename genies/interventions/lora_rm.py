@@ -8,12 +8,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignflow.config import GeniesScoringConfig, LoraRewardConfig
-from alignflow.genies.interventions.base import Scores
+from pydantic import Field
+
+from alignflow.config import LoraConfig, Strict
+from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
 from alignflow.tasks.training import lr_factor
 from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import map_batches, pack
+
+
+class LoraRewardConfig(Strict):
+    lora: LoraConfig = LoraConfig(r=64, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = Field(2e-4, gt=0.0)
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1, description="pairs per step")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    seed: int = 0
 
 
 class RewardModel(torch.nn.Module):
@@ -45,13 +57,10 @@ def preferred_index(seqs: Sequences, pairs: list[dict]) -> list[tuple[int, int]]
     return [(a, b) if p["preferred"] == 0 else (b, a) for (a, b), p in zip(seqs.pair_index, pairs)]
 
 
-class LoraRewardModel:
-    name = "lora_reward_model"
+@register("lora_reward_model", LoraRewardConfig)
+class LoraRewardModel(BuiltinIntervention):
     trains = True
-
-    def __init__(self, scoring: GeniesScoringConfig, config: LoraRewardConfig):
-        self.scoring = scoring
-        self.config = config
+    config: LoraRewardConfig
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
         torch.manual_seed(self.config.seed)

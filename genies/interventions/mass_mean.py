@@ -15,11 +15,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alignflow.config import GeniesScoringConfig, MassMeanShiftConfig
-from alignflow.genies.interventions.base import Scores
+from pydantic import Field
+
+from alignflow.config import GeniesScoringConfig, Strict
+from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress
 from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import map_batches
+
+
+class MassMeanShiftConfig(Strict):
+    top_layers: int = Field(16, ge=1, description="layers kept, ranked by held-out probe accuracy")
+    held_out_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="training pairs that rank layers and calibrate")
+    seed: int = 0
 
 
 @torch.inference_mode()
@@ -72,13 +80,10 @@ def held_out_mask(pairs: list[dict], fraction: float, seed: int) -> torch.Tensor
     return mask
 
 
-class MassMeanShift:
-    name = "mass_mean_shift"
+@register("mass_mean_shift", MassMeanShiftConfig)
+class MassMeanShift(BuiltinIntervention):
     trains = True
-
-    def __init__(self, scoring: GeniesScoringConfig, config: MassMeanShiftConfig):
-        self.scoring = scoring
-        self.config = config
+    config: MassMeanShiftConfig
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
         model, tokenizer = load_backbone(base, self.scoring.dtype)

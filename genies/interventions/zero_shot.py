@@ -7,9 +7,11 @@ import json
 import random
 from pathlib import Path
 
-from alignflow.config import FewShotConfig, GeniesScoringConfig
+from pydantic import Field
+
+from alignflow.config import GeniesScoringConfig, Strict
 from alignflow.genies.data import preferred_texts
-from alignflow.genies.interventions.base import Scores
+from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import encode_pairs, per_pair_progress, probs_from_scores
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums
@@ -32,12 +34,15 @@ def evaluate_logprobs(base: Path, pairs: list[dict], scoring: GeniesScoringConfi
     return Scores(p_a=probs_from_scores(a, b))
 
 
-class ZeroShot:
-    name = "zero_shot"
-    trains = False
+class FewShotConfig(Strict):
+    k: int = Field(4, ge=1, description="source examples (prompt + preferred response) prepended")
+    max_prefix_tokens: int = Field(1024, ge=16, description="the examples keep their last this many tokens")
+    seed: int = 0
 
-    def __init__(self, scoring: GeniesScoringConfig):
-        self.scoring = scoring
+
+@register("zero_shot")
+class ZeroShot(BuiltinIntervention):
+    trains = False
 
     def train(self, base, pairs, out, progress=None) -> dict:
         return {}
@@ -46,13 +51,10 @@ class ZeroShot:
         return evaluate_logprobs(base, pairs, self.scoring, "", progress)
 
 
-class FewShot:
-    name = "few_shot"
+@register("few_shot", FewShotConfig)
+class FewShot(BuiltinIntervention):
     trains = True  # "training" picks the k examples from the source distribution
-
-    def __init__(self, scoring: GeniesScoringConfig, config: FewShotConfig):
-        self.scoring = scoring
-        self.config = config
+    config: FewShotConfig
 
     def train(self, base, pairs: list[dict], out: Path, progress=None) -> dict:
         by_record = {}

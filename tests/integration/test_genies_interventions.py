@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignflow.config import DPOConfig, FewShotConfig, GeniesScoringConfig, LoraRewardConfig, MassMeanShiftConfig
+from alignflow.config import DPOConfig, GeniesScoringConfig
 from alignflow.genies.data import GeniesDataError
 from alignflow.genies.interventions import make_intervention
+from alignflow.genies.interventions.lora_rm import LoraRewardConfig
+from alignflow.genies.interventions.mass_mean import MassMeanShiftConfig
 from alignflow.genies.interventions.script import ScriptIntervention
+from alignflow.genies.interventions.zero_shot import FewShotConfig
 from alignflow.genies.stages import GENIES_EVALUATE, GENIES_PAIRS, GENIES_TRAIN, InterventionSpec, _scripts_hash, pairs_spec
 from alignflow.tasks.base_model import base_model_ref
 from alignflow.tasks.stage import RunContext
@@ -158,7 +161,8 @@ def test_dpo(setup):
 
 
 def test_unknown_intervention_is_an_error():
-    with pytest.raises(ValueError, match="unknown intervention 'nope'; built in: zero_shot, few_shot"):
+    built_in = "dpo, few_shot, lora_reward_model, mass_mean_shift, zero_shot"
+    with pytest.raises(ValueError, match=f"unknown intervention 'nope'; built in: {built_in}$"):
         make_intervention(InterventionSpec(name="nope"))
 
 
