@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import gem_config_data, run_with_task_runs
+from helpers import gem_config_data, run_with_task_runs
 
 from alignflow.config import ConfigError, GemConfig, load_config
 from alignflow.storage.artifacts import ArtifactStore

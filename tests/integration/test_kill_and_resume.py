@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import tiny_config_data
+from helpers import tiny_config_data
 
 from alignflow.storage.artifacts import ArtifactStore
 

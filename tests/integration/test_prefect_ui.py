@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config_data
+from helpers import tiny_config_data
 
 pytest_plugins = ["prefect_server"]
 

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 
 from alignflow.cli import main  # noqa: E402
 from alignflow.config import GemConfig, GeniesConfig, SampleConfig, SelfImproveConfig, Strict  # noqa: E402
-from conftest import gem_config_data, tiny_config_data  # noqa: E402
+from helpers import gem_config_data, tiny_config_data  # noqa: E402
 from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
 from alignflow.tasks.base_model import base_model_ref  # noqa: E402
 from alignflow.tasks.prompts import PROMPTS, prompt_source  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import run_with_task_runs, tiny_config_data
+from helpers import run_with_task_runs, tiny_config_data
 from s3server import S3Identity, S3Server
 
 from alignflow.config import SelfImproveConfig

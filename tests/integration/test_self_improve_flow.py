@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config_data
+from helpers import tiny_config_data
 
 from alignflow.config import SelfImproveConfig
 from alignflow.storage.artifacts import ArtifactStore

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config_data
+from helpers import tiny_config_data
 from pydantic import ValidationError
 
 from alignflow.config import JudgeConfig, LogprobsConfig, SampleConfig, SelfImproveConfig, alignflow_home

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import GENIES_SHARED
+from helpers import GENIES_SHARED, require_shared
 
 from alignflow.genies.data import (GeniesDataError, capped, distribution_dir, distribution_names, download, expand_pairs,
                          read_split, record_problem, validate_release)
@@ -304,16 +304,12 @@ def test_builtin_genies_shifts():
 
 
 def test_builtin_matches_the_published_genies_spec():
-    spec = SHIFT_SPECS / "GENIES.json"
-    if not spec.is_file():
-        pytest.skip(f"{spec} not found")
+    spec = require_shared(SHIFT_SPECS / "GENIES.json", "published shift spec")
     assert load_shifts(str(spec)) == GENIES
 
 
 def test_published_all_json_dedupes_to_56(genies_tar):
-    spec = SHIFT_SPECS / "all.json"
-    if not spec.is_file():
-        pytest.skip(f"{spec} not found")
+    spec = require_shared(SHIFT_SPECS / "all.json", "published shift spec")
     assert len(json.loads(spec.read_text())) == 69
     shifts = load_shifts(str(spec))
     assert len(shifts) == 56

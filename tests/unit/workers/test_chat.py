@@ -4,12 +4,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from alignflow.workers.chat import fit_prompt, prompt_ids, response_ids
+from helpers import CHATML, SPECIALS
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Alignment pipelines sample candidates, "
     "judge every ordered pair and train the policy with DPO on the best and worst answers.\n"
