@@ -1,8 +1,10 @@
 """The real Prefect UI in headless Chromium: the page of a finished self-improve run
-lists its summary artifact, and the summary links every stage's artifact. The
-screenshot is kept in tests/output/."""
+lists its summary artifact, the summary links every stage's artifact, the judge's
+examples show both verdicts and train_dpo's curves are a picture. The screenshots
+are kept in tests/output/."""
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -61,6 +63,7 @@ def test_flow_run_page_shows_the_summary_artifact(prefect_server, finished_run, 
     text = visible_text(chromium(page, "--dump-dom"))
     assert "self-improve-summary" in text and "self-improve: artifacts and headline metrics" in text, text[-3000:]
     assert "train-dpo-report" in text
+    assert {"sample-examples", "judge-examples", "pairs-examples", "train-dpo-examples"} <= set(text.split()), text[-3000:]
     screenshot = tmp_path / "flow-run-artifacts.png"
     chromium(page, f"--screenshot={screenshot}", "--window-size=1400,1000")
     assert screenshot.stat().st_size > 10_000
@@ -68,14 +71,49 @@ def test_flow_run_page_shows_the_summary_artifact(prefect_server, finished_run, 
     shutil.copy(screenshot, OUTPUT / screenshot.name)
 
 
-def test_summary_artifact_page_links_every_stage_artifact(prefect_server, finished_run, chromium):
-    run_id, summary = finished_run
+def artifact_page(prefect_server, run_id, key: str) -> str:
+    """The UI page of the run's artifact ``key``."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
     with prefect_server.client() as client:
         [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["self-improve-summary"])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    dom = chromium(f"{prefect_server.url}/artifacts/artifact/{artifact.id}", "--dump-dom")
+    return f"{prefect_server.url}/artifacts/artifact/{artifact.id}"
+
+
+def keep_screenshot(chromium, page: str, tmp_path: Path, name: str) -> None:
+    screenshot = tmp_path / name
+    chromium(page, f"--screenshot={screenshot}", "--window-size=1400,1600")
+    assert screenshot.stat().st_size > 10_000
+    OUTPUT.mkdir(exist_ok=True)
+    shutil.copy(screenshot, OUTPUT / name)
+
+
+def test_summary_artifact_page_links_every_stage_artifact(prefect_server, finished_run, chromium):
+    run_id, summary = finished_run
+    dom = chromium(artifact_page(prefect_server, run_id, "self-improve-summary"), "--dump-dom")
     links = set(re.findall(r'href="(file://[^"]+)"', dom))
     assert {Path(info["uri"]).as_uri() for info in summary["rounds"][0].values()} <= links, sorted(links)
+
+
+def test_judge_examples_show_both_outputs_and_both_verdicts(prefect_server, finished_run, chromium, tmp_path):
+    run_id, _ = finished_run
+    page = artifact_page(prefect_server, run_id, "judge-examples")
+    text = visible_text(chromium(page, "--dump-dom"))
+    assert "judge: comparisons, both orders" in text, text[-3000:]
+    assert text.count("example ") >= 3 and text.count("instruction") >= 3
+    assert len(re.findall(r"p\(\d+ better\), shown first \d\.\d{3}", text)) == 3, text[-3000:]
+    assert len(re.findall(r"p\(\d+ better\), shown second \d\.\d{3}", text)) == 3
+    keep_screenshot(chromium, page, tmp_path, "judge-examples.png")
+
+
+def test_train_dpo_curves_are_a_picture_of_every_step(prefect_server, finished_run, chromium, tmp_path):
+    run_id, summary = finished_run
+    page = artifact_page(prefect_server, run_id, "train-dpo-examples")
+    dom = chromium(page, "--dump-dom")
+    steps = summary["rounds"][0]["train_dpo"]["steps"]
+    assert f"{steps} optimizer steps" in visible_text(dom)
+    [image] = re.findall(r'<img[^>]+src="data:image/png;base64,([^"]+)"', dom)
+    assert base64.b64decode(image).startswith(b"\x89PNG")
+    keep_screenshot(chromium, page, tmp_path, "train-dpo-curves.png")
