@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from helpers import tiny_config_data
 
 from alignflow.config import SelfImproveConfig
 from alignflow.flows.self_improve import Steps, run_rounds
@@ -99,13 +100,7 @@ STAGES = {"sample": (SAMPLE, "sample"), "judge": (JUDGE, "judge"), "pairs": (PAI
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """One round of self-improve on the tiny model, its stages called without Prefect."""
-    # (this folder's conftest shadows the top one's tiny_config_data: the few settings the tiny model needs)
-    config = SelfImproveConfig.model_validate({
-        "model": str(tiny_model_dir), "limit_prompts": 4, "paths": {"home": str(tmp_path_factory.mktemp("home"))},
-        "sample": {"n": 3, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0},
-        "judge": {"top_logprobs": 512, "max_prompt_tokens": 1024},  # "a"/"b" are rarely in a random model's top 5
-        "dpo": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1, "val_fraction": 0.3, "lora": {"r": 4, "alpha": 8}},
-    })
+    config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, tmp_path_factory.mktemp("home")))
     prompts, rounds = run_rounds(config, DIRECT)
     return config, run_context(config), prompts, rounds[0]
 
