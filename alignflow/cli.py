@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from alignflow.config import FLOW_CONFIGS, ConfigError, Paths, load_config, with_home
 
@@ -14,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        if args.traceback:
+            traceback.print_exc()
+        else:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
@@ -35,6 +39,8 @@ def _one_line(e: BaseException) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignflow", description="Alignment pipelines as cached Prefect flows")
+    p.add_argument("--traceback", action="store_true",
+                   help="on an error, print the full traceback instead of the one-line message")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow")
@@ -93,6 +99,9 @@ def _run(args) -> int:
     from alignflow.runtime import configure_environment
 
     log_file = configure_environment(paths)
+    from alignflow.preflight import preflight
+
+    preflight(args.flow, config)  # bad input fails here, in one line, before a flow run exists
     from alignflow.flows import FLOWS, SUMMARIES
 
     summary = FLOWS[args.flow](config=config)

@@ -74,12 +74,19 @@ def _validated(path: Path, line: int, row: dict) -> dict:
     return {"id": str(row.get("id", f"line-{line}")), "prompt": row["prompt"], "reference": row["reference"]}
 
 
-def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
+def read_prompts(config: PromptSource) -> list[dict]:
+    """The rows the prompts stage commits (the CLI's preflight reads them too); bad input is
+    a PromptFileError naming the file and line."""
     rows = read_prompt_rows(Path(config.path))[: config.limit]
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PromptFileError(f"{config.path}: duplicate id '{dup}'")
+    return rows
+
+
+def compute_prompts(ctx, config: PromptSource, key: str) -> StageOutput:
+    rows = read_prompts(config)
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics={"rows_out": len(rows)})
 
 

@@ -1,0 +1,56 @@
+"""Each flow's inputs checked before Prefect starts its flow run (``alignflow run`` calls
+``preflight``): prompt files, preference files, GENIES folders and shift specs go through
+the readers and validators their stages use, so bad input fails with the same one-line
+error naming the file, line or field, and no flow run is created for it."""
+from __future__ import annotations
+
+from typing import Callable
+
+from alignflow.config import GemConfig, GeniesConfig, PipelineConfig, RunConfig, SelfImproveConfig
+
+
+def check_self_improve(config: SelfImproveConfig) -> None:
+    from alignflow.tasks.prompts import prompt_source, read_prompts
+
+    read_prompts(prompt_source(config.prompts, config.limit_prompts))
+
+
+def check_gem(config: GemConfig) -> None:
+    from alignflow.flows.gem import genies_dir
+    from alignflow.tasks.preferences import preference_set, read_preferences
+
+    for sources in (config.train, config.eval):
+        preferences = preference_set(sources, genies_dir(config), config.columns)
+        for spec in preferences.sources.values():
+            read_preferences(spec, preferences.columns)
+
+
+def check_genies(config: GeniesConfig) -> None:
+    """The shift spec, the interventions, and every split file the shifts read."""
+    from alignflow.flows.genies_eval import data_dir
+    from alignflow.genies.data import distribution_dir, distribution_names, read_split
+    from alignflow.genies.shifts import check_distributions, distributions_needed, load_shifts
+    from alignflow.genies.stages import intervention_specs
+
+    root = data_dir(config)
+    shifts = load_shifts(config.shifts)[: config.limit_shifts]
+    check_distributions(shifts, distribution_names(root))
+    intervention_specs(config)
+    needed = distributions_needed(shifts)
+    for split, role in (("train", "train"), ("test", "evaluate")):
+        for name in sorted(needed[role]):
+            read_split(distribution_dir(root, name), split)
+
+
+def check_pipeline(config: PipelineConfig) -> None:
+    check_self_improve(config.training)
+    check_genies(config.genies)
+
+
+CHECKS: dict[str, Callable] = {"self-improve": check_self_improve, "gem": check_gem, "genies-eval": check_genies,
+                               "pipeline": check_pipeline}
+
+
+def preflight(flow: str, config: RunConfig | PipelineConfig) -> None:
+    """Raise the one-line error of the first bad input of ``flow`` run with ``config``."""
+    CHECKS[flow](config)
