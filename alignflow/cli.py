@@ -80,9 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--limit", type=int, default=1, help="flow runs at once (each stage already uses the machine)")
     worker.set_defaults(handler=_worker)
 
-    resume = sub.add_parser("resume", help="run a finished or failed flow run again; finished stages come from cache")
+    resume = sub.add_parser("resume", help="run a finished, failed or crashed flow run again; finished stages come "
+                                           "from cache")
     resume.add_argument("run_id", help="the flow run's id")
     resume.add_argument("--home", help="override $ALIGNFLOW_HOME (where a run without a deployment ran)")
+    resume.add_argument("--force", action="store_true",
+                        help="resume a run left Running or Pending even where this host cannot tell that its "
+                             "process is gone (it is marked Crashed first)")
     resume.set_defaults(handler=_resume)
 
     from alignflow.genies.cli import add_commands
@@ -102,15 +106,41 @@ def _run(args) -> int:
     from alignflow.preflight import preflight
 
     preflight(args.flow, config)  # bad input fails here, in one line, before a flow run exists
+    from prefect.flow_engine import run_flow
+
     from alignflow.flows import FLOWS, SUMMARIES
 
-    summary = FLOWS[args.flow](config=config)
+    flow, parameters = FLOWS[args.flow], {"config": config}
+    run = _start_flow_run(flow, parameters, paths.home)
+    summary = run_flow(flow=flow, flow_run=run, parameters=parameters)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(SUMMARIES[args.flow](summary))
         print(f"log: {log_file}")
     return 0
+
+
+def _start_flow_run(flow, parameters: dict, home: str):
+    """Create the flow run before it starts, so its id can be shown (on stderr: --json
+    keeps stdout for the summary) and the process running it recorded in Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(flow, parameters=flow.serialize_parameters(parameters), state=Pending())
+        _record_this_process(client, run.id)
+    print(f"flow run {run.id} ({run.name}): resume with alignflow resume {run.id} --home {os.path.abspath(home)}",
+          file=sys.stderr, flush=True)
+    return run
+
+
+def _record_this_process(client, run_id) -> None:
+    """The flow run's infrastructure_pid is this process (HOST:PID:START): `alignflow resume`
+    on this host can then tell whether a run left Running has lost its process."""
+    from alignflow.liveness import this_process
+
+    client.update_flow_run(run_id, infrastructure_pid=this_process())
 
 
 def _deploy(args) -> int:
@@ -130,10 +160,13 @@ def _deploy(args) -> int:
 
 
 def _worker(args) -> int:
-    """`prefect worker start` in this process: its flow runs import the installed alignflow."""
+    """`prefect worker start` in this process: its flow runs import the installed alignflow,
+    inherit heartbeats and the alignflow logger's shipping to Prefect from its environment."""
     from alignflow.deployments.deploy import require_server
+    from alignflow.runtime import flow_run_environment
 
     require_server()
+    flow_run_environment()
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--limit", str(args.limit)]
     os.execv(sys.executable, command)
 
@@ -141,8 +174,9 @@ def _worker(args) -> int:
 def _resume(args) -> int:
     """The same flow run, scheduled again (what `prefect flow-run retry` does). Each stage's
     cache key is its artifact key, so finished stages come back Cached and only the
-    failed one and those after it run. A deployment's run goes to its pool's worker;
-    any other run runs here."""
+    failed one and those after it run. A run left Running or Pending by a process that
+    died is marked Crashed first. A deployment's run goes to its pool's worker; any
+    other run runs here."""
     from uuid import UUID
 
     try:
@@ -156,27 +190,57 @@ def _resume(args) -> int:
     from prefect.states import Scheduled
 
     with get_client(sync_client=True) as client:
-        run = _finished_flow_run(client, run_id)
+        run = _read_flow_run(client, run_id)
+        if not run.state or not run.state.is_final():
+            _crash_abandoned_run(client, run, args.force)
         flow = None if run.deployment_id else _registered_flow(client.read_flow(run.flow_id).name)
         client.set_flow_run_state(run.id, Scheduled(message="resumed by alignflow resume"), force=True)
         if flow is None:
             print(f"flow run {run.name} ({run.id}) scheduled again: a worker on its deployment's pool runs it")
             return 0
+        _record_this_process(client, run.id)
         run = client.read_flow_run(run.id)
     return _run_here(flow, run)
 
 
-def _finished_flow_run(client, run_id):
+def _read_flow_run(client, run_id):
     from prefect.exceptions import ObjectNotFound
 
     try:
-        run = client.read_flow_run(run_id)
+        return client.read_flow_run(run_id)
     except ObjectNotFound:
         raise LookupError(f"flow run {run_id}: not found at the Prefect API {client.api_url}") from None
-    if not run.state or not run.state.is_final():
-        raise RuntimeError(f"flow run {run_id} is {run.state.name if run.state else 'not started'}: "
-                           "only a finished run (Failed, Crashed, Cancelled, Completed) can be resumed")
-    return run
+
+
+def _crash_abandoned_run(client, run, force: bool) -> None:
+    """Mark a run that is not final Crashed, with its unfinished task runs, where its
+    recorded process is gone (or with ``force``); refuse where it may still run."""
+    from prefect.states import Crashed
+
+    from alignflow.liveness import process_gone
+
+    state = run.state.name if run.state else "not started"
+    recorded = run.infrastructure_pid or "none recorded"
+    gone = process_gone(run.infrastructure_pid)
+    if gone is False and not force:
+        raise RuntimeError(f"flow run {run.id} is {state} and its process ({recorded}) still runs: "
+                           "let it finish or stop it first")
+    if gone is None and not force:
+        raise RuntimeError(f"flow run {run.id} is {state} and this host cannot tell whether its process "
+                           f"({recorded}) still runs: if it is gone, resume with --force")
+    why = "its process is gone" if gone else "alignflow resume --force"
+    message = f"marked Crashed by alignflow resume: {why} (process {recorded})"
+    for task_run in _unfinished_task_runs(client, run.id):
+        client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    print(f"flow run {run.name} ({run.id}) was {state}: {message}", file=sys.stderr)
+
+
+def _unfinished_task_runs(client, run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return [r for r in runs if not (r.state and r.state.is_final())]
 
 
 def _registered_flow(name: str):

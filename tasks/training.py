@@ -331,6 +331,7 @@ def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective
         log.info("%s: resumed from the checkpoint at step %d of %d", objective.stage, state.step, total)
     if progress:
         progress(state.step)
+    log_every = max(1, total // 20)  # about 20 lines per training in the run's logs
     for step in range(state.step, total):
         rows = step_rows(train_rows, config, step, steps_per_epoch)
         for group in engine.optimizer.param_groups:
@@ -346,6 +347,8 @@ def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective
         state.step = step + 1
         state.log.append({"step": state.step, "split": "train", "lr": engine.optimizer.param_groups[0]["lr"],
                           "grad_norm": grad_norm, **weighted_means(engine.all_ranks(parts))})
+        if engine.rank == 0 and (state.step % log_every == 0 or state.step == total):
+            _log_step(objective.stage, state.log[-1], total)
         if val_rows and (state.step % config.eval_every == 0 or state.step == total):
             _validate(engine, val_rows, config, objective, state)
         if state.step % config.checkpoint_every == 0 and state.step < total:
@@ -355,6 +358,10 @@ def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective
     if state.best_weights:
         engine.load_weights(state.best_weights)
     return state
+
+
+def _log_step(stage: str, row: dict, total: int) -> None:
+    log.info("%s: step %d/%d loss %.4g lr %.3g", stage, row["step"], total, row["loss"], row["lr"])
 
 
 def _validate(engine, val_rows, config: TrainConfig, objective: Objective, state: TrainState) -> None:

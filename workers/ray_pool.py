@@ -13,36 +13,84 @@ replica, reading parents from the store and committing, so only small
 ``ArtifactRef``s cross the wire. Concurrent Prefect tasks share the replicas
 shard by shard. An actor that dies is restarted in its bundle and its shard
 (or stage) retried there, ``shard_retries`` times at most.
+
+Actors have no Prefect run context, so each call collects the ``alignflow`` log
+records it makes and returns them beside its result; the driver logs them again
+inside the task run, named after the actor, so they reach the run's Prefect logs.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import ray
+from alignflow.workers.placement import ReplicaShape, reserve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from alignflow.workers.placement import ReplicaShape, reserve
-
 log = logging.getLogger("alignflow")
 
 ACTOR_LOST = (ActorDiedError, ActorUnavailableError)
-_pools: dict[tuple, "ActorPool"] = {}
+_pools: dict[tuple, ActorPool] = {}
 _lock = threading.Lock()
 
 
+class LogCapture(logging.Handler):
+    """Keeps the records of one actor call as plain dicts, to return with its result."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append({"levelno": record.levelno, "message": record.getMessage(), "created": record.created})
+
+
+@contextmanager
+def captured_logs() -> Iterator[list[dict]]:
+    """The ``alignflow`` records (INFO and up) logged inside the block."""
+    handler, level = LogCapture(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def replay_logs(records: list[dict], worker: str) -> None:
+    """Log an actor's records here, where the task run's context sends them to Prefect."""
+    for r in records:
+        if log.isEnabledFor(r["levelno"]):
+            log.handle(logging.makeLogRecord({
+                "name": log.name, "levelno": r["levelno"], "levelname": logging.getLevelName(r["levelno"]),
+                "msg": "[%s] %s", "args": (worker, r["message"]), "created": r["created"],
+                "msecs": r["created"] % 1 * 1000}))
+
+
 class StageActor:
-    """Runs stages in its own process, on the devices of its bundle."""
+    """Runs stages in its own process, on the devices of its bundle. Its calls
+    return (result, log records, this actor's name)."""
 
-    def run(self, stage, ctx, config, parents: dict):
-        return stage.run(ctx, config, **parents)
+    def __init__(self):
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def compute_shard(self, stage, ctx, config, key: str, index: int, units: list, parents: dict) -> dict:
-        return stage.compute_shard(ctx, config, key, index, units, parents)
+    def run(self, stage, ctx, config, parents: dict) -> tuple:
+        with captured_logs() as records:
+            ref = stage.run(ctx, config, **parents)
+        return ref, records, self.name
+
+    def compute_shard(self, stage, ctx, config, key: str, index: int, units: list, parents: dict) -> tuple:
+        with captured_logs() as records:
+            receipt = stage.compute_shard(ctx, config, key, index, units, parents)
+        return receipt, records, self.name
 
     def see_devices(self, devices: list[str]) -> None:
         """Make every GPU of the replica visible here (before CUDA starts), so a
@@ -112,7 +160,7 @@ class ActorPool:
         try:
             for attempt in range(self.shard_retries + 1):
                 try:
-                    return ray.get(replica.actors[0].run.remote(stage, ctx, config, parents))
+                    return _with_logs(ray.get(replica.actors[0].run.remote(stage, ctx, config, parents)))
                 except ACTOR_LOST as e:
                     self._replace_dead_actor(replica, stage.name, e, attempt)
         finally:
@@ -135,7 +183,7 @@ class ActorPool:
                 [ready], _ = ray.wait(list(running), num_returns=1)
                 index, replica = running.pop(ready)
                 try:
-                    receipt = ray.get(ready)
+                    receipt = _with_logs(ray.get(ready))
                 except ACTOR_LOST as e:
                     self._replace_dead_actor(replica, f"{stage.name} shard {index}", e, attempts[index])
                     attempts[index] += 1
@@ -155,7 +203,7 @@ class ActorPool:
         except queue.Empty:
             return None
 
-    def _replace_dead_actor(self, replica: "Replica", what: str, error: Exception, retries_so_far: int) -> None:
+    def _replace_dead_actor(self, replica: Replica, what: str, error: Exception, retries_so_far: int) -> None:
         """Restart a replica's dead rank 0 in its bundle, or give up after ``shard_retries``."""
         if retries_so_far >= self.shard_retries:
             raise RuntimeError(f"{what}: its actor died {retries_so_far + 1} times (ray.shard_retries="
@@ -166,15 +214,20 @@ class ActorPool:
     def _return_when_done(self, running: dict) -> None:
         """After a failed shard: let the shards still running finish, then give their replicas back."""
         for ref, (_, replica) in running.items():
-            try:
+            with suppress(Exception):  # the first failure is the one raised
                 ray.get(ref)
-            except Exception:  # noqa: BLE001 - the first failure is the one raised
-                pass
             self.free.put(replica)
 
     def release(self) -> None:
         for replica in self.replicas:
             replica.release()
+
+
+def _with_logs(returned: tuple):
+    """An actor call's result, its log records replayed here."""
+    result, records, worker = returned
+    replay_logs(records, worker)
+    return result
 
 
 def _forwarded_env() -> dict:
