@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {"whole": [], "reused": []}
     outputs = {}
     for _ in range(args.repeats):
-        for way in rates:
-            (out, _), seconds = timed(lambda: judge_candidates(backend, candidates, judge, reuse_prefix=way == "reused"))
+        for way, reuse in (("whole", False), ("reused", True)):
+            (out, _), seconds = timed(partial(judge_candidates, backend, candidates, judge, reuse_prefix=reuse))
             rates[way].append(len(out) / seconds)
             outputs[way] = out
     whole, reused = outputs["whole"], outputs["reused"]

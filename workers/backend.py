@@ -54,8 +54,7 @@ class Backend(Protocol):
 
 def regroup(items: list, sizes: Iterable[int]) -> list[list]:
     """A flat list cut back into consecutive groups of the given sizes."""
-    starts = [0, *itertools.accumulate(sizes)]
-    return [items[a:b] for a, b in zip(starts, starts[1:])]
+    return [items[a:b] for a, b in itertools.pairwise([0, *itertools.accumulate(sizes)])]
 
 
 _loaded: dict[tuple, Backend] = {}  # this process's one loaded inference model

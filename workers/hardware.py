@@ -55,10 +55,10 @@ def resolve_dtype(dtype: str, device: Device = "cpu") -> str:
 def run_device(config: BaseModel, inherited: Device = "cpu") -> Device:
     """Where a flow config's stages compute: CUDA workers with executor: ray and
     gpus_per_replica > 0 (assumed bf16-capable, as every GPU since Ampere is), else this CPU."""
-    ray = getattr(config, "ray", None)
-    if getattr(config, "executor", None) is None or ray is None:
+    executor, ray = getattr(config, "executor", None), getattr(config, "ray", None)
+    if executor is None or ray is None:
         return inherited
-    return "cuda" if config.executor == "ray" and ray.gpus_per_replica > 0 else "cpu"
+    return "cuda" if executor == "ray" and ray.gpus_per_replica > 0 else "cpu"
 
 
 def resolve_dtypes(config: BaseModel, device: Device | None = None) -> BaseModel:
