@@ -192,11 +192,14 @@ def _grouped_unique(rows: list[dict]) -> list[list[dict]]:
 
 
 def judge_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
-    """Comparisons judged in both orders: the instruction, both outputs and both verdicts."""
+    """A comparison judged in both orders per prompt: the instruction, both outputs and both verdicts."""
     verdicts = {(j["prompt_id"], j["a"], j["b"]): j for j in store.read_rows(ref)}
     candidates = {(c["prompt_id"], c["candidate"]): c for c in store.read_rows(parents["candidates"])}
-    both_ways = [(first, verdicts[(pid, b, a)]) for (pid, a, b), first in verdicts.items()
-                 if a < b and (pid, b, a) in verdicts][:EXAMPLES]
+    per_prompt = {}
+    for (pid, a, b), first in verdicts.items():
+        if a < b and (pid, b, a) in verdicts:
+            per_prompt.setdefault(pid, (first, verdicts[(pid, b, a)]))
+    both_ways = list(per_prompt.values())[:EXAMPLES]
     return examples_markdown("judge: comparisons, both orders",
                              [_both_ways_example(first, second, candidates) for first, second in both_ways])
 
