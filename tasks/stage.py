@@ -49,9 +49,11 @@ class RunContext(BaseModel):
         return ArtifactStore(self.artifact_root, self.storage_options)
 
     def model_dir(self, ref: ArtifactRef) -> Path:
-        """Local directory of a model: a base model's own path or a trained model artifact."""
+        """Local directory of a model: a base model (a built-in name or its own path) or a trained model artifact."""
         if ref.stage == "model":
-            return Path(ref.uri)
+            from alignflow.workers.models import resolve_model_dir
+
+            return resolve_model_dir(ref.uri, self.model_cache)
         return self.store().local_dir(ref, "merged", Path(self.model_cache) / "artifacts")
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("prefect_server")  # imported here before pytest_plugins loads it
-from helpers import tiny_config_data  # noqa: E402
-from prefect_server import ALIGNFLOW, stop, wait_for  # noqa: E402
-
-from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
+from alignflow.storage.artifacts import ArtifactStore
+from helpers import tiny_config_data
+from prefect_server import ALIGNFLOW, stop, wait_for
 
 pytest_plugins = ["prefect_server"]
 
@@ -27,7 +26,7 @@ SHIFTS = [{"source": "alpaca_mmlu", "target": "alpaca_short", "label": "extreme"
 
 
 def alignflow(server, *args: str) -> str:
-    done = subprocess.run([*ALIGNFLOW, *args], env=server.env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*ALIGNFLOW, *args], env=server.env(), capture_output=True, text=True, check=False, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -144,9 +143,32 @@ def test_deploy_registers_every_flow_with_typed_parameters_a_schedule_and_the_tr
     assert str(automation.actions[0].deployment_id) == deployed["pipeline/pipeline"]
 
 
+def test_deploy_creates_the_zombie_detection_automation_once(prefect_server, deployed):
+    """Runs whose heartbeats stop are marked Crashed; deploying again updates the automation, never doubles it."""
+    from alignflow.deployments.deploy import (
+        ZOMBIE_AFTER,
+        ZOMBIE_AUTOMATION,
+        ensure_zombie_detection,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
+        again = ensure_zombie_detection()
+    with prefect_server.client() as client:
+        [automation] = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    trigger = automation.trigger
+    assert automation.id == again and automation.enabled
+    assert (trigger.posture, trigger.threshold, trigger.within) == ("Proactive", 1, ZOMBIE_AFTER)
+    assert trigger.after == {"prefect.flow-run.heartbeat"} and trigger.for_each == {"prefect.resource.id"}
+    assert trigger.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                              "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    [action] = automation.actions
+    assert (action.type, action.state.value) == ("change-flow-run-state", "CRASHED")
+
+
 def test_deploy_without_a_server_is_a_one_line_error(prefect_server):
     done = subprocess.run([*ALIGNFLOW, "deploy"], env={**prefect_server.env(), "PREFECT_API_URL": ""},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: no Prefect server: set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api "
                                    "(start one with `prefect server start`)")
@@ -174,11 +196,11 @@ def test_resume_reruns_only_the_failed_stage_and_its_successors(resumed_run, fai
 
 def test_resume_runs_a_run_without_deployment_in_the_resuming_process(prefect_server, tiny_model_dir, tmp_path,
                                                                       monkeypatch):
+    from alignflow.flows.self_improve import self_improve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from alignflow.cli import main
     from alignflow.config import SelfImproveConfig
-    from alignflow.flows.self_improve import self_improve
 
     monkeypatch.setenv("ALIGNFLOW_FAIL_ONCE", f"{FAILING_STAGE}:{tmp_path / 'failed-once'}")
     config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, tmp_path))
@@ -209,8 +231,12 @@ def test_the_run_publishes_stage_tables_progress_and_a_summary_linking_every_art
 
 
 def test_a_completed_training_run_triggers_genies_on_its_model(prefect_server, deployed, resumed_run, home):
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                                FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     training_run, _ = resumed_run
 
