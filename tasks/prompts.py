@@ -28,11 +28,17 @@ class PromptSource(Strict):
 
 
 def prompt_source(spec: str, limit: int | None) -> PromptSource:
-    """Resolve a prompts spec to a file and fingerprint it, so an edited file is a new input."""
-    path = Path(str(resources.files("alignflow") / "data" / BUILTIN[spec])) if spec in BUILTIN else Path(spec)
+    """Resolve a prompts spec to a file and fingerprint it, so an edited file is a new input.
+    A built-in set keeps its name: its path is this installation's, not the artifact's."""
+    path = prompt_file(spec)
     if not path.is_file():
         raise PromptFileError(f"{spec}: prompts file not found (expected .jsonl or .parquet, or one of {list(BUILTIN)})")
-    return PromptSource(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), limit=limit)
+    return PromptSource(path=spec if spec in BUILTIN else str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                        limit=limit)
+
+
+def prompt_file(spec: str) -> Path:
+    return Path(str(resources.files("alignflow") / "data" / BUILTIN[spec])) if spec in BUILTIN else Path(spec)
 
 
 def read_prompt_rows(path: Path) -> list[dict]:
@@ -77,7 +83,7 @@ def _validated(path: Path, line: int, row: dict) -> dict:
 def read_prompts(config: PromptSource) -> list[dict]:
     """The rows the prompts stage commits (the CLI's preflight reads them too); bad input is
     a PromptFileError naming the file and line."""
-    rows = read_prompt_rows(Path(config.path))[: config.limit]
+    rows = read_prompt_rows(prompt_file(config.path))[: config.limit]
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from alignflow.config import TrainConfig
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.base_model import model_name
 from alignflow.tasks.stage import Progress, RunContext, StageOutput
 from alignflow.tasks.stage_report import training_curves_markdown
 from alignflow.workers.backend import release_backends
@@ -375,13 +376,18 @@ def _validate(engine, val_rows, config: TrainConfig, objective: Objective, state
         state.best_weights = engine.weights()
 
 
-def save_models(model, tokenizer, config: TrainConfig, out: Path) -> dict[str, Path]:
-    """The adapter (LoRA) and the merged HF model directory."""
+def save_models(model, tokenizer, config: TrainConfig, out: Path, base_model: str) -> dict[str, Path]:
+    """The adapter (LoRA) and the merged HF model directory. ``base_model``: the adapter's
+    base as ``model_name`` gives it, not the local folder it was trained from."""
     dirs = {}
     if not config.full_finetune:
+        for adapter in model.peft_config.values():  # what peft writes into adapter_config.json
+            adapter.base_model_name_or_path = base_model
         model.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
         sort_target_modules(out / "adapter" / "adapter_config.json")
+        # peft's boilerplate model card names the base model's local folder, and says nothing else
+        (out / "adapter" / "README.md").unlink(missing_ok=True)
         dirs["adapter"] = out / "adapter"
         model = model.merge_and_unload()
     model.save_pretrained(out / "merged")
@@ -437,7 +443,7 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef | Path, rows:
     With a ZeRO strategy every rank runs it and rank 0's output comes back.
     ``policy``: a model artifact, or a local model folder (the GENIES dpo intervention's base)."""
     model_dir = policy if isinstance(policy, Path) else ctx.model_dir(policy)
-    job = partial(fit_on_rank, ctx, stage, key, model_dir, rows, config, objective_for, prepare)
+    job = partial(fit_on_rank, ctx, stage, key, model_dir, model_name(policy), rows, config, objective_for, prepare)
     strategy = config.distributed.strategy
     if strategy == "none":
         return job()
@@ -448,8 +454,9 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef | Path, rows:
     return run_distributed(job, config.distributed.world_size, address=ctx.ray.get("address"))
 
 
-def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, rows: list[dict], config: TrainConfig,
-                objective_for: Callable[..., Objective], prepare: Callable[..., list[dict]] | None) -> StageOutput | None:
+def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, base_model: str, rows: list[dict],
+                config: TrainConfig, objective_for: Callable[..., Objective],
+                prepare: Callable[..., list[dict]] | None) -> StageOutput | None:
     """``fit`` in this process: the only one, or one rank of a distributed job, where
     only rank 0 measures and saves (the others return None)."""
     lead = not dist.is_initialized() or dist.get_rank() == 0
@@ -474,6 +481,6 @@ def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, rows: li
     model.eval()
     after = evaluate(model, eval_rows, config, objective)
     scratch = Path(tempfile.mkdtemp(prefix=f"alignflow-{stage}-"))
-    dirs = save_models(model, tokenizer, config, scratch)
+    dirs = save_models(model, tokenizer, config, scratch, base_model)
     return StageOutput(tables=[pa.Table.from_pylist(state.log)], dirs=dirs,
                        metrics=training_metrics(before, after, state, train_rows, val_rows), scratch=scratch)
