@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+from pydantic import Field
 
 from alignflow.config import GeniesConfig, GeniesScoringConfig, Strict
 from alignflow.genies.data import capped, expand_pairs, read_split
@@ -24,7 +25,8 @@ from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stag
 class PairsSpec(Strict):
     distribution: str
     split: str
-    path: str
+    # where this machine keeps the file: out of the key and the manifest, which the content names
+    path: str = Field(exclude=True)
     sha256: str  # the split file's content: an edited release is a new input
     max_pairs: int | None
     seed: int
@@ -51,7 +53,7 @@ class InterventionSpec(Strict):
     name: str
     params: dict = {}
     scoring: GeniesScoringConfig = GeniesScoringConfig()
-    script_dir: str | None = None
+    script_dir: str | None = Field(None, exclude=True)  # a local folder; its files are in script_sha256
     script_sha256: str | None = None
 
 

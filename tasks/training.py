@@ -381,19 +381,28 @@ def save_models(model, tokenizer, config: TrainConfig, out: Path, base_model: st
     base as ``model_name`` gives it, not the local folder it was trained from."""
     dirs = {}
     if not config.full_finetune:
-        for adapter in model.peft_config.values():  # what peft writes into adapter_config.json
-            adapter.base_model_name_or_path = base_model
-        model.save_pretrained(out / "adapter")
+        save_adapter(model, out / "adapter", base_model)
         tokenizer.save_pretrained(out / "adapter")
-        sort_target_modules(out / "adapter" / "adapter_config.json")
-        # peft's boilerplate model card names the base model's local folder, and says nothing else
-        (out / "adapter" / "README.md").unlink(missing_ok=True)
         dirs["adapter"] = out / "adapter"
         model = model.merge_and_unload()
     model.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
     dirs["merged"] = out / "merged"
     return dirs
+
+
+def save_adapter(model, out: Path, base_model: str) -> None:
+    """A peft adapter that names its base portably (``model_name``), not by the local folder
+    it was trained from, and whose bytes do not depend on the writing process."""
+    targets = set()
+    for adapter in model.peft_config.values():  # what peft writes into adapter_config.json
+        adapter.base_model_name_or_path = base_model
+        targets |= set(adapter.target_modules or ())
+    # said outright: peft's "auto" asks the hub whether the named base exists to decide
+    model.save_pretrained(out, save_embedding_layers=bool(targets & {"embed_tokens", "lm_head"}))
+    sort_target_modules(out / "adapter_config.json")
+    # peft's boilerplate model card names the base model's local folder, and says nothing else
+    (out / "README.md").unlink(missing_ok=True)
 
 
 def sort_target_modules(adapter_config: Path) -> None:

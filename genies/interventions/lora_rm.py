@@ -13,7 +13,8 @@ from pydantic import Field
 from alignflow.config import LoraConfig, Strict
 from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
-from alignflow.tasks.training import lr_factor
+from alignflow.tasks.base_model import model_name
+from alignflow.tasks.training import lr_factor, save_adapter
 from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import map_batches, pack
 
@@ -87,7 +88,7 @@ class LoraRewardModel(BuiltinIntervention):
             losses.append(loss.item())
             if progress:
                 progress(len(chosen))
-        model.backbone.save_pretrained(out / "adapter")
+        save_adapter(model.backbone, out / "adapter", model_name(base))
         torch.save(model.head.state_dict(), out / "head.pt")
         (out / "train_log.json").write_text(json.dumps({"loss": losses}))
         tail = losses[-10:]

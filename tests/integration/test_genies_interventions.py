@@ -231,7 +231,8 @@ def test_script_contract_adapter(setup, tmp_path):
         assert metrics["accuracy"] == pytest.approx(_longest_accuracy(rows))
         assert metrics["records"] == len({p["prompt"] for p in rows}) and metrics["trained_on"] == rule["trained_on"]
         assert "note" not in metrics and metrics["pairs"] == len(rows)
-        assert setup.store.read_rows(ref) == [{"pair_id": p["pair_id"]} for p in rows]
+        assert setup.store.read_rows(ref) == [  # no per-pair probabilities from an accuracy-only script
+            {"pair_id": p["pair_id"], "preferred": p["preferred"], "p_a": None, "p_preferred": None} for p in rows]
     assert 0.0 < _longest_accuracy(setup.store.read_rows(mmlu)) < 1.0  # a non-trivial number to match
 
 
