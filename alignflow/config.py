@@ -267,6 +267,16 @@ class GeniesConfig(RunConfig):
         section = getattr(self, intervention, None) if intervention in self.sections() else None
         return section.model_dump(mode="json") if section is not None else {}
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The sections in the JSON schema too: Prefect's run form and API validate
+        deployment parameters against it."""
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema).setdefault("properties", {})
+        for name, section in cls.sections().items():
+            properties[name] = handler(section.__pydantic_core_schema__)
+        return schema
+
     @model_validator(mode="wrap")
     @classmethod
     def _validate_sections(cls, data, handler):

@@ -75,3 +75,16 @@ def test_a_registered_intervention_gets_a_validated_section():
         assert intervention_module("toy") == __name__
     finally:
         del REGISTRY["toy"]
+
+
+def test_the_deployment_form_schema_lists_every_section():
+    """Prefect validates a deployment's parameters (and draws its run form) from the flow's
+    JSON schema: the sections must be in it, with their own fields and bounds."""
+    from prefect.utilities.callables import parameter_schema
+
+    from alignflow.flows import FLOWS
+
+    genies = parameter_schema(FLOWS["genies-eval"].fn).model_dump()["definitions"]["GeniesConfig"]
+    for name, section in config_sections().items():
+        assert set(genies["properties"][name]["properties"]) == set(section.model_fields)
+    assert genies["properties"]["few_shot"]["properties"]["k"]["minimum"] == 1
