@@ -270,7 +270,7 @@ def _store(root: str | None):
 
 
 def _artifacts_ls(args) -> int:
-    manifests = _store(args.root).list()
+    manifests = _store(args.root).committed()
     print(f"{'stage':<12} {'key':<22} {'rows':>6}  created")
     for m in manifests:
         print(f"{m['stage']:<12} {m['key']:<22} {m['rows']:>6}  {m['created_at'][:19]}")

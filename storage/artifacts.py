@@ -28,7 +28,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -183,10 +183,10 @@ class ArtifactStore:
         stage: str,
         key: str,
         *,
-        tables: list[pa.Table] = (),
-        shards: list[dict] = (),
+        tables: Sequence[pa.Table] = (),
+        shards: Sequence[dict] = (),
         local_dirs: dict[str, Path] | None = None,
-        parents: list[ArtifactRef] = (),
+        parents: Sequence[ArtifactRef] = (),
         config: dict | None = None,
         code_version: str = "",
         metrics: dict | None = None,
@@ -294,7 +294,7 @@ class ArtifactStore:
         if self.is_local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
-    def list(self) -> list[dict]:
+    def committed(self) -> list[dict]:
         """Every committed artifact's manifest, newest first."""
         out = []
         for path in self.fs.glob(f"{self._root_path}/*/*/{MANIFEST}"):
@@ -304,7 +304,7 @@ class ArtifactStore:
         return sorted(out, key=lambda m: m["created_at"], reverse=True)
 
     def find(self, key_prefix: str) -> ArtifactRef:
-        matches = [m for m in self.list() if m["key"].startswith(key_prefix)]
+        matches = [m for m in self.committed() if m["key"].startswith(key_prefix)]
         if len(matches) != 1:
             found = "no artifact" if not matches else f"{len(matches)} artifacts"
             raise ArtifactError(f"{found} with key starting '{key_prefix}' under {self.root}")

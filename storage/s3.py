@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import cast
 from urllib.parse import urlsplit
 
 ENDPOINT_ENV = "ALIGNFLOW_S3_ENDPOINT"
@@ -100,7 +101,7 @@ def block_credentials(name: str) -> dict:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        value = cast(Secret, Secret.load(name)).get()  # sync-compatible: the block itself outside async code
     except ValueError:
         raise StorageConfigError(
             f"storage.{BLOCK_OPTION}: no saved Prefect Secret block named '{name}' "

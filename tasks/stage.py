@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
+from uuid import UUID
 
 import pyarrow as pa
 from prefect import task
@@ -130,8 +131,12 @@ class Stage:
             log.info("%s: cached %s", self.name, store.uri(self.name, key))
             return store.ref(self.name, key)
         started = time.perf_counter()
-        out = self._compute_sharded(ctx, config, key, parents) if self.shards else \
-            self.compute(ctx, config, key=key, **parents)
+        if self.shards:
+            out = self._compute_sharded(self.shards, ctx, config, key, parents)
+        elif self.compute:
+            out = self.compute(ctx, config, key=key, **parents)
+        else:
+            raise TypeError(f"stage {self.name}: neither compute nor shards is given")
         metrics = {"worker": _worker(), **out.metrics, "seconds": round(time.perf_counter() - started, 3)}
         ref = store.commit(
             self.name, key, tables=out.tables, shards=out.shards, local_dirs=out.dirs, parents=list(parents.values()),
@@ -145,16 +150,18 @@ class Stage:
         log.info("%s: committed %s", self.name, ref.uri)
         return ref
 
-    def _compute_sharded(self, ctx: RunContext, config: BaseModel, key: str, parents: dict) -> StageOutput:
+    def _compute_sharded(self, plan: Shards, ctx: RunContext, config: BaseModel, key: str,
+                         parents: dict) -> StageOutput:
         """Every shard's part file, computing only those no earlier attempt wrote."""
         store = ctx.store()
-        units = self.shards.units(ctx, config, parents)
-        shards = [units[i : i + config.shard_size] for i in range(0, len(units), config.shard_size)]
+        units = plan.units(ctx, config, parents)
+        size: int = config.shard_size  # type: ignore[attr-defined]  # every sharded stage's config has one
+        shards = [units[i : i + size] for i in range(0, len(units), size)]
         done = store.shard_receipts(self.name, key)
         todo = {i: shard for i, shard in enumerate(shards) if i not in done}
-        work = self.shards.work(units, config)
-        store.plan_shards(self.name, key, shards=len(shards), work=work, unit=self.shards.unit)
-        progress = Progress(self.name, work, unit=self.shards.unit, shards=len(shards))
+        work = plan.work(units, config)
+        store.plan_shards(self.name, key, shards=len(shards), work=work, unit=plan.unit)
+        progress = Progress(self.name, work, unit=plan.unit, shards=len(shards))
         progress(sum(done[i]["work"] for i in done), shards=len(done))
         if done:
             log.info("%s: %d of %d shards were written by an earlier attempt", self.name, len(done), len(shards))
@@ -169,7 +176,7 @@ class Stage:
         receipts = [done[i] for i in range(len(shards))]
         # read back, checked against the receipts: the metrics cover every shard, wherever it ran
         rows = store.read_shards(self.name, key, receipts).to_pylist()
-        metrics = self.shards.metrics(rows, sum(r["seconds"] for r in receipts))
+        metrics = plan.metrics(rows, sum(r["seconds"] for r in receipts))
         workers = sorted({r["worker"] for r in receipts})
         return StageOutput(shards=receipts, metrics={
             **metrics, "worker": ",".join(workers), "shards": len(shards), "shards_resumed": len(shards) - len(todo),
@@ -182,12 +189,15 @@ class Stage:
         over a different number of threads differ in the last bits."""
         import torch
 
-        model = self.shards.open(ctx, config, parents)
+        plan = self.shards
+        if plan is None:
+            raise TypeError(f"stage {self.name} is not sharded")
+        model = plan.open(ctx, config, parents)
         started = time.perf_counter()
-        rows, _ = self.shards.compute(model, units, config, progress)
+        rows, _ = plan.compute(model, units, config, progress)
         seconds = round(time.perf_counter() - started, 3)
         return ctx.store().write_shard(self.name, key, index, pa.Table.from_pylist(rows),
-                                       schema=self.output_schema(config), work=self.shards.work(units, config),
+                                       schema=self.output_schema(config), work=plan.work(units, config),
                                        seconds=seconds, worker=_worker(), torch_threads=torch.get_num_threads())
 
 
@@ -247,10 +257,10 @@ def stage_task(stage: Stage, retries: int = 2):
 
     run.__name__ = stage.name
     return task(
-        run, name=stage.name, cache_key_fn=cache_key, persist_result=True, retries=retries,
+        name=stage.name, cache_key_fn=cache_key, persist_result=True, retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
         retry_condition_fn=is_transient,
-    )
+    )(run)
 
 
 # Bad input (and a missing optional extra) fails the same way every time: retrying it only delays the error.
@@ -283,12 +293,13 @@ class Progress:
         self.total = max(total, 1)
         self.done = 0
         self.shards, self.shards_done = shards, 0
-        self.artifact_id = None
+        self.artifact_id: UUID | None = None
         self.last_push = 0.0
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(0.0, description=self.description())
+            # in a sync task Prefect's sync-compatible call returns the id itself
+            self.artifact_id = cast(UUID, create_progress_artifact(0.0, description=self.description()))
 
     def description(self) -> str:
         if self.shards is None:

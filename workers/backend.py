@@ -78,8 +78,8 @@ def shared_backend(kind: str, model_dir: Path, dtype: str = "float32", tensor_pa
             _release_loaded()
             _loaded[identity] = _load(kind, Path(model_dir), dtype, tensor_parallel_size)
         backend = _loaded[identity]
-    if kind == "hf":
-        backend.batch_size, backend.token_budget = batch_size, token_budget
+    if kind == "hf":  # sized per stage: the same loaded model serves stages with other batch sizes
+        backend.batch_size, backend.token_budget = batch_size, token_budget  # type: ignore[attr-defined]
     return backend
 
 

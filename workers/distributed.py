@@ -33,14 +33,14 @@ class Rank:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def run(self, env: dict, job: list):
+    def run(self, env: dict, boxed_job: list):
         """Join the process group, then run the job. The job comes as an ObjectRef in a list,
         which Ray leaves unresolved: unpickling it imports torch, which must see the new
         CUDA_VISIBLE_DEVICES."""
         import ray
 
         os.environ.update(env)
-        job = ray.get(job[0])
+        job = ray.get(boxed_job[0])
         import torch
         import torch.distributed as dist
 

@@ -57,7 +57,7 @@ def spread_targets(shape: ReplicaShape) -> list[str | None]:
     has room (the wait then fails with the clear message)."""
     need = max(shape.gpus_per_replica, 0)
     free = {node: gpus for node, gpus in available_gpus().items() if gpus >= need}
-    targets = []
+    targets: list[str | None] = []
     for _ in range(shape.replicas):
         fits = [node for node, gpus in free.items() if gpus >= need]
         if not fits:

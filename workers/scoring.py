@@ -7,6 +7,7 @@ float32 log_softmax, summed over response tokens.
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 
@@ -71,7 +72,7 @@ def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id
 
 @torch.inference_mode()
 def sequence_logprob_sums(model, pad_id: int, prompts: list[list[int]], responses: list[list[int]],
-                          token_budget: int, progress=None, prefix: list[int] = ()) -> list[float]:
+                          token_budget: int, progress=None, prefix: Sequence[int] = ()) -> list[float]:
     """Summed response log-probs of many sequences. A ``prefix`` shared by all of
     them (few-shot examples) is run once; every batch attends to a copy of its KV cache."""
     if not prefix:
@@ -84,7 +85,7 @@ def sequence_logprob_sums(model, pad_id: int, prompts: list[list[int]], response
     return map_batches(with_prefix, prompts, responses, pad_id, token_budget, progress)
 
 
-def prefix_cache(model, prefix: list[int]):
+def prefix_cache(model, prefix: Sequence[int]):
     """The KV cache of a token prefix that many sequences continue (computed once for all of them)."""
     return model(input_ids=torch.tensor([list(prefix)]), use_cache=True).past_key_values
 
@@ -109,7 +110,8 @@ def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int
     """Row indices grouped so that rows of similar length share a batch and
     rows x longest row stays within the budget (little padding, bounded memory)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
+    batches: list[list[int]] = []
+    current: list[int] = []
     for i in order:
         if current and (len(current) + 1) * lengths[i] > token_budget:
             batches.append(current)

@@ -112,7 +112,7 @@ def failed_run(prefect_server, deployed, worker, home):
             job_variables={"env": {"ALIGNFLOW_FAIL_ONCE": f"{FAILING_STAGE}:{marker}"}})
     run = finished_run(prefect_server, run.id)
     states = task_states(prefect_server, run.id, {*BEFORE_FAILURE, FAILING_STAGE})
-    committed = {m["stage"]: m["created_at"] for m in ArtifactStore(str(home / "artifacts")).list()}
+    committed = {m["stage"]: m["created_at"] for m in ArtifactStore(str(home / "artifacts")).committed()}
     return run, states, committed
 
 
@@ -189,7 +189,7 @@ def test_resume_reruns_only_the_failed_stage_and_its_successors(resumed_run, fai
     assert run.state.is_completed(), run.state
     assert run.id == failed_run[0].id and run.run_count == 2
     assert_resumed_from_the_failed_stage(states)
-    committed = {m["stage"]: m["created_at"] for m in ArtifactStore(str(home / "artifacts")).list()}
+    committed = {m["stage"]: m["created_at"] for m in ArtifactStore(str(home / "artifacts")).committed()}
     assert all(committed[stage] == created for stage, created in committed_before.items())  # reused, not rebuilt
     assert set(FROM_FAILURE) <= set(committed)
 
@@ -225,7 +225,7 @@ def test_the_run_publishes_stage_tables_progress_and_a_summary_linking_every_art
     assert "progress" in by_type
     [summary] = [a for a in artifacts if a.key == "self-improve-summary"]
     store = ArtifactStore(str(home / "artifacts"))
-    for manifest in store.list():
+    for manifest in store.committed():
         if manifest["stage"] in (*BEFORE_FAILURE, *FROM_FAILURE):
             assert f"({Path(manifest['uri']).as_uri()})" in summary.data, manifest["stage"]
 
@@ -257,7 +257,7 @@ def test_a_completed_training_run_triggers_genies_on_its_model(prefect_server, d
     assert all(training[stage] == ["Cached"] for stage in BEFORE_FAILURE + FROM_FAILURE), training
     genies_run = by_flow["genies-eval"]
     store = ArtifactStore(str(home / "artifacts"))
-    [trained] = [m for m in store.list() if m["stage"] == "train_dpo"]
+    [trained] = [m for m in store.committed() if m["stage"] == "train_dpo"]
     assert genies_run.parameters["config"]["model"] == str(Path(trained["uri"]) / trained["dirs"]["merged"])
     genies_summary = [a for a in artifacts_of(prefect_server, genies_run.id) if a.key == "genies-eval-summary"]
     assert genies_summary and "![heatmap: shift x intervention](data:image/png;base64," in genies_summary[0].data

@@ -40,7 +40,7 @@ def test_every_stage_commits_and_the_models_are_compared(first_run):
     assert set(STAGES) <= set(states)
     assert all(s == "Completed" for runs in states.values() for s in runs), states
     store = ArtifactStore(config.paths.resolved().artifact_root)
-    assert set(STAGES) <= {m["stage"] for m in store.list()}
+    assert set(STAGES) <= {m["stage"] for m in store.committed()}
     rows = {(r["model"], r["reward"]): r for r in summary["accuracy"]}
     assert set(rows) == {("base", "log pi"), ("sft", "log pi"), ("gem", "log pi"), ("dpo", "log pi"),
                          ("sft", "log pi - log pi_base"), ("gem", "log pi - log pi_base"),

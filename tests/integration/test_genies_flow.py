@@ -216,12 +216,12 @@ def test_metrics_cli_reads_the_flows_zero_shot_rows(first, tmp_path):
 
 
 def test_second_run_is_served_from_cache(first):
-    before = {m["uri"]: m["created_at"] for m in first.store.list()}
+    before = {m["uri"]: m["created_at"] for m in first.store.committed()}
     again, states = run_flow(first.config)
     assert again == first.summary
     genies_states = {state for (stage, state) in states if stage in GENIES_STAGES}
     assert genies_states == {"Cached"}, states
-    assert {m["uri"]: m["created_at"] for m in first.store.list()} == before  # no new artifacts
+    assert {m["uri"]: m["created_at"] for m in first.store.committed()} == before  # no new artifacts
 
 
 def test_a_named_ceiling_reruns_only_the_report(first):

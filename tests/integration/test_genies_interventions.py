@@ -246,10 +246,10 @@ def test_script_eval_without_eval_accuracy_is_an_error(setup, tmp_path):
     ''')
     spec = InterventionSpec(name="noacc", scoring=SCORING, script_dir=str(folder), script_sha256=_scripts_hash(folder))
     assert make_intervention(spec).trains is False  # no train.py: evaluated on the base model
-    before = setup.store.list()
+    before = setup.store.committed()
     with pytest.raises(GeniesDataError, match=r"result\.json: no numeric 'eval_accuracy' \(keys: \['accuracy'\]\)"):
         setup.evaluate(spec)
-    assert setup.store.list() == before  # nothing committed
+    assert setup.store.committed() == before  # nothing committed
 
 
 def test_script_failures_are_reported(setup, tmp_path):

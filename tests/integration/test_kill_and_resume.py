@@ -82,13 +82,13 @@ def test_sigkill_during_training_resumes_to_the_same_result(tiny_model_dir, tmp_
     home = tmp_path / "killed"
     _kill_after_checkpoint(tiny_model_dir, home)
     store = ArtifactStore(str(home / "artifacts"))
-    committed = {m["stage"]: m["created_at"] for m in store.list()}
+    committed = {m["stage"]: m["created_at"] for m in store.committed()}
     assert "train_dpo" not in committed  # a killed stage never looks complete
     assert {"prompts", "sample", "judge", "pairs", "logprobs"} <= set(committed)
     checkpoint_steps = sorted(int(p.stem.split("-")[1]) for p in home.glob("artifacts/train_dpo/*/_checkpoints/*.pt"))
 
     resumed = _run(tiny_model_dir, home)
-    after = {m["stage"]: m["created_at"] for m in store.list()}
+    after = {m["stage"]: m["created_at"] for m in store.committed()}
     assert all(after[stage] == created for stage, created in committed.items())  # reused, not rebuilt
     log_text = "".join(p.read_text() for p in (home / "logs").glob("*.log"))
     assert f"resumed from the checkpoint at step {checkpoint_steps[-1]}" in log_text
@@ -140,7 +140,7 @@ def test_sigkill_during_judge_then_resume_by_id_crashes_the_run_and_finishes_it(
     [(run_id, _, printed_home)] = FLOW_RUN_LINE.findall(stderr)
     assert Path(printed_home) == home
     store = ArtifactStore(str(home / "artifacts"))
-    assert {m["stage"] for m in store.list()} == {"prompts", "sample"}  # killed mid-judge
+    assert {m["stage"] for m in store.committed()} == {"prompts", "sample"}  # killed mid-judge
     assert _states(home, run_id)["run"] == "Running"  # nothing was left to say otherwise
 
     resumed = _resume(home, run_id)

@@ -30,7 +30,7 @@ def files(manifest: dict) -> dict[str, str]:
 
 
 def artifacts(store: ArtifactStore) -> dict[tuple[str, str], dict]:
-    return {(m["stage"], m["key"]): store.manifest(m["stage"], m["key"]) for m in store.list()}
+    return {(m["stage"], m["key"]): store.manifest(m["stage"], m["key"]) for m in store.committed()}
 
 
 def test_two_homes_give_identical_keys_content_hashes_and_files(tiny_model_dir, tmp_path):

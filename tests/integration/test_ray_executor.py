@@ -50,7 +50,7 @@ def _genies_config(tiny_model_dir, data_dir, home: Path, **extra) -> GeniesConfi
 
 
 def _workers(root: Path, stage: str) -> set[str]:
-    return {m["metrics"]["worker"] for m in ArtifactStore(str(root)).list() if m["stage"] == stage}
+    return {m["metrics"]["worker"] for m in ArtifactStore(str(root)).committed() if m["stage"] == stage}
 
 
 def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
@@ -104,7 +104,7 @@ def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
 
 def _stage_artifacts(root: Path) -> dict[str, dict]:
     """stage -> manifest of the run's artifacts (one round: one per stage)."""
-    return {m["stage"]: m for m in ArtifactStore(str(root)).list()}
+    return {m["stage"]: m for m in ArtifactStore(str(root)).committed()}
 
 
 @pytest.fixture

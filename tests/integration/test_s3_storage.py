@@ -97,7 +97,7 @@ def test_files_without_a_manifest_are_not_committed(s3, env_credentials):
     store = ArtifactStore(f"s3://{s3.bucket}/unit", {"endpoint_url": s3.endpoint})
     store.fs.pipe(store.uri("sample", "dead", "part-00000-abc.parquet"), b"half")
     assert not store.is_committed("sample", "dead")
-    assert "dead" not in {m["key"] for m in store.list()}
+    assert "dead" not in {m["key"] for m in store.committed()}
     with pytest.raises(ArtifactError, match="never committed"):
         store.ref("sample", "dead")
 
@@ -271,7 +271,7 @@ def test_flow_on_s3_survives_an_outage_during_a_stage(s3_run):
     assert set(manifest["files"]) == seen["files"]
     assert manifest["metrics"]["shards_resumed"] == manifest["metrics"]["shards"] >= 1
     assert seen["objects"] <= object_names(store, "judge", seen["key"])
-    committed = store.list()
+    committed = store.committed()
     assert set(STAGES) <= {m["stage"] for m in committed}
     for m in committed:
         assert_intact(store, m)
@@ -290,7 +290,7 @@ def test_rerun_without_prefect_cache_is_served_from_s3(s3_run, monkeypatch):
 
     config, summary, _, _, log_file = s3_run
     store = _store(config)
-    before = {m["uri"]: m["created_at"] for m in store.list()}
+    before = {m["uri"]: m["created_at"] for m in store.committed()}
 
     def no_commit(*_args, **_kwargs):
         pytest.fail("a stage recomputed instead of finding its artifact on S3")
@@ -300,7 +300,7 @@ def test_rerun_without_prefect_cache_is_served_from_s3(s3_run, monkeypatch):
         again, runs = run_flow(config)
     assert again == summary
     assert {s: runs[s].state.name for s in STAGES} == dict.fromkeys(STAGES, "Completed")
-    assert {m["uri"]: m["created_at"] for m in store.list()} == before
+    assert {m["uri"]: m["created_at"] for m in store.committed()} == before
     assert f"judge: cached {summary['rounds'][0]['judge']['uri']}" in log_file.read_text()
 
 

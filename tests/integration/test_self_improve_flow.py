@@ -41,7 +41,7 @@ def test_flow_commits_every_stage_and_a_trained_model(first_run):
     config, summary, states = first_run
     assert all(states[s] == "Completed" for s in STAGES if s in states), states
     store = ArtifactStore(config.paths.resolved().artifact_root)
-    stages = {m["stage"] for m in store.list()}
+    stages = {m["stage"] for m in store.committed()}
     assert set(STAGES) <= stages
     rnd = summary["rounds"][0]
     assert rnd["sample"]["rows_out"] == 6 * 3
@@ -79,7 +79,7 @@ def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path,
 
     config, _, _ = first_run
     store = ArtifactStore(config.paths.resolved().artifact_root)
-    before = {m["uri"]: m["created_at"] for m in store.list()}
+    before = {m["uri"]: m["created_at"] for m in store.committed()}
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": "d"}\n{"prompt": oops}\n')
     cfg = tmp_path / "cfg.json"
@@ -87,7 +87,7 @@ def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path,
     assert main(["run", "self-improve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}:3: bad JSON" in err[0]
-    assert {m["uri"]: m["created_at"] for m in store.list()} == before
+    assert {m["uri"]: m["created_at"] for m in store.committed()} == before
 
 
 @pytest.mark.parametrize("content,expected", [

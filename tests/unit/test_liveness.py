@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import psutil
 
@@ -25,9 +26,18 @@ def test_a_process_that_ended_is_gone_in_both_recorded_forms():
     label = f"{HOST}:{child.pid}:{psutil.Process(child.pid).create_time():.2f}"
     assert process_gone(label) is False and process_gone(f"{HOST}:{child.pid}") is False
     child.kill()
+    _wait_until_zombie(child.pid)
     assert process_gone(label) is True  # killed and not yet reaped: a zombie counts as gone
     child.wait()
     assert process_gone(label) is True and process_gone(f"{HOST}:{child.pid}") is True
+
+
+def _wait_until_zombie(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL is delivered asynchronously: the child is a zombie only a moment later."""
+    deadline = time.monotonic() + timeout
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"process {pid} still not a zombie after SIGKILL"
+        time.sleep(0.01)
 
 
 def test_a_reused_pid_is_a_different_process():

@@ -173,7 +173,7 @@ def test_list_and_find(tmp_path):
     store = ArtifactStore(str(tmp_path))
     a = store.commit("sample", "abc123", tables=[_table()])
     store.commit("judge", "abd456", tables=[_table([9])])
-    assert {m["key"] for m in store.list()} == {"abc123", "abd456"}
+    assert {m["key"] for m in store.committed()} == {"abc123", "abd456"}
     assert store.find("abc") == a
     with pytest.raises(ArtifactError, match="2 artifacts"):
         store.find("ab")

@@ -88,7 +88,7 @@ def test_a_stage_whose_rows_break_its_schema_fails_with_its_name_and_leaves_no_m
     config = SelfImproveConfig().pairs
     with pytest.raises(ArtifactError, match="^pairs: output column 'chosen_score' should be double, found string$"):
         stage.run(ctx, config)
-    assert not ctx.store().list()
+    assert not ctx.store().committed()
 
 
 # -- a real run ------------------------------------------------------------------
