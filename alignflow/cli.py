@@ -1,4 +1,5 @@
 """The `alignflow` command: run flows, inspect artifacts."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Overrides may come before or after options: `run FLOW --config X key=value` works."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and getattr(args, "overrides", None) is not None
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -39,8 +44,9 @@ def _one_line(e: BaseException) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignflow", description="Alignment pipelines as cached Prefect flows")
-    p.add_argument("--traceback", action="store_true",
-                   help="on an error, print the full traceback instead of the one-line message")
+    p.add_argument(
+        "--traceback", action="store_true", help="on an error, print the full traceback instead of the one-line message"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flow")
@@ -70,8 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="create or update the Prefect deployments (needs PREFECT_API_URL)")
     deploy.add_argument("--pool", default=WORK_POOL, help="work pool; a process pool is created if absent")
     deploy.add_argument("--image", help="image for docker or kubernetes work pools")
-    deploy.add_argument("--config", action="append", default=[], metavar="FLOW=FILE",
-                        help="a flow's default parameters from a config file (repeatable)")
+    deploy.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FLOW=FILE",
+        help="a flow's default parameters from a config file (repeatable)",
+    )
     deploy.add_argument("--cron", help="run the pipeline on this cron schedule, UTC (default: a paused weekly example)")
     deploy.set_defaults(handler=_deploy)
 
@@ -80,13 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--limit", type=int, default=1, help="flow runs at once (each stage already uses the machine)")
     worker.set_defaults(handler=_worker)
 
-    resume = sub.add_parser("resume", help="run a finished, failed or crashed flow run again; finished stages come "
-                                           "from cache")
+    resume = sub.add_parser(
+        "resume", help="run a finished, failed or crashed flow run again; finished stages come from cache"
+    )
     resume.add_argument("run_id", help="the flow run's id")
     resume.add_argument("--home", help="override $ALIGNFLOW_HOME (where a run without a deployment ran)")
-    resume.add_argument("--force", action="store_true",
-                        help="resume a run left Running or Pending even where this host cannot tell that its "
-                             "process is gone (it is marked Crashed first)")
+    resume.add_argument(
+        "--force",
+        action="store_true",
+        help="resume a run left Running or Pending even where this host cannot tell that its "
+        "process is gone (it is marked Crashed first)",
+    )
     resume.set_defaults(handler=_resume)
 
     from alignflow.genies.cli import add_commands
@@ -130,8 +145,11 @@ def _start_flow_run(flow, parameters: dict, home: str):
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(flow, parameters=flow.serialize_parameters(parameters), state=Pending())
         _record_this_process(client, run.id)
-    print(f"flow run {run.id} ({run.name}): resume with alignflow resume {run.id} --home {os.path.abspath(home)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"flow run {run.id} ({run.name}): resume with alignflow resume {run.id} --home {os.path.abspath(home)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return run
 
 
@@ -223,11 +241,14 @@ def _crash_abandoned_run(client, run, force: bool) -> None:
     recorded = run.infrastructure_pid or "none recorded"
     gone = process_gone(run.infrastructure_pid)
     if gone is False and not force:
-        raise RuntimeError(f"flow run {run.id} is {state} and its process ({recorded}) still runs: "
-                           "let it finish or stop it first")
+        raise RuntimeError(
+            f"flow run {run.id} is {state} and its process ({recorded}) still runs: let it finish or stop it first"
+        )
     if gone is None and not force:
-        raise RuntimeError(f"flow run {run.id} is {state} and this host cannot tell whether its process "
-                           f"({recorded}) still runs: if it is gone, resume with --force")
+        raise RuntimeError(
+            f"flow run {run.id} is {state} and this host cannot tell whether its process "
+            f"({recorded}) still runs: if it is gone, resume with --force"
+        )
     why = "its process is gone" if gone else "alignflow resume --force"
     message = f"marked Crashed by alignflow resume: {why} (process {recorded})"
     for task_run in _unfinished_task_runs(client, run.id):
@@ -293,8 +314,10 @@ def _artifacts_progress(args) -> int:
     if not running:
         print("no sharded stage is in progress (every started one is committed)")
     for p in running:
-        print(f"{p['stage']:<12} {p['key']:<22} {p['shards_done']}/{p['shards']} shards  "
-              f"{p['work_done']}/{p['work']} {p['unit']}")
+        print(
+            f"{p['stage']:<12} {p['key']:<22} {p['shards_done']}/{p['shards']} shards  "
+            f"{p['work_done']}/{p['work']} {p['unit']}"
+        )
     return 0
 
 

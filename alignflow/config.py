@@ -2,6 +2,7 @@
 
 Every model forbids unknown keys, so a typo is an error that lists the valid keys.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ class Paths(Strict):
     prefect_home: str | None = None
     logs: str | None = None
 
-    def resolved(self) -> "Paths":
+    def resolved(self) -> Paths:
         home = Path(self.home).expanduser() if self.home else alignflow_home()
         return Paths(
             home=str(home),
@@ -57,11 +58,15 @@ class Storage(Strict):
     run; they come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a saved Prefect Secret block."""
 
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint of an s3:// root (MinIO, SeaweedFS, ...); default $ALIGNFLOW_S3_ENDPOINT, else AWS")
+        None,
+        description="S3 endpoint of an s3:// root (MinIO, SeaweedFS, ...); default $ALIGNFLOW_S3_ENDPOINT, else AWS",
+    )
     credentials_block: str | None = Field(
-        None, description='name of a saved Prefect Secret block holding {"key": ..., "secret": ...} for an s3:// root')
-    storage_options: dict = Field(default_factory=dict,
-                                  description="fsspec options (client_kwargs, config_kwargs, ...), no credentials")
+        None, description='name of a saved Prefect Secret block holding {"key": ..., "secret": ...} for an s3:// root'
+    )
+    storage_options: dict = Field(
+        default_factory=dict, description="fsspec options (client_kwargs, config_kwargs, ...), no credentials"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -92,7 +97,8 @@ class Storage(Strict):
         if secrets:
             raise ValueError(
                 f"credentials do not belong in the config (it is recorded with the run): remove {', '.join(secrets)}; "
-                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_block instead")
+                "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_block instead"
+            )
         return options
 
     def options(self) -> dict:
@@ -119,8 +125,10 @@ class SampleConfig(Strict):
     @model_validator(mode="after")
     def _entropies_need_hf(self):
         if self.cot and self.backend == "vllm":
-            raise ValueError("sample.cot needs backend: hf: the per-step entropies need the whole next-token "
-                             "distribution, which the vllm backend does not return")
+            raise ValueError(
+                "sample.cot needs backend: hf: the per-step entropies need the whole next-token "
+                "distribution, which the vllm backend does not return"
+            )
         return self
 
 
@@ -166,7 +174,9 @@ class DistributedConfig(Strict):
     ``world_size`` ranks as Ray actors on one node, one GPU each where the cluster has GPUs."""
 
     strategy: Literal["none", "zero2", "zero3"] = Field(
-        "none", description="none: one process; zero2: optimizer states and gradients partitioned; zero3: parameters too")
+        "none",
+        description="none: one process; zero2: optimizer states and gradients partitioned; zero3: parameters too",
+    )
     world_size: int = Field(2, ge=1, description="ranks; each trains on its share of every global batch")
 
 
@@ -185,7 +195,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(5, ge=1, description="optimizer steps between resumable checkpoints")
     full_finetune: bool = False
     lora: LoraConfig = LoraConfig()
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more compute")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, more compute"
+    )
     distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
 
@@ -198,8 +210,9 @@ class DPOConfig(TrainConfig):
 class RayConfig(Strict):
     address: str | None = Field(None, description="join this cluster; default: start a local one")
     replicas: int = Field(2, ge=1, description="model replicas; concurrent stages each borrow one")
-    gpus_per_replica: int = Field(0, ge=0, description="GPUs of a replica, packed on one node (tensor-parallel "
-                                  "size); 0: CPU-only actors")
+    gpus_per_replica: int = Field(
+        0, ge=0, description="GPUs of a replica, packed on one node (tensor-parallel size); 0: CPU-only actors"
+    )
     cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs of a replica (fractions let actors share cores)")
     spread: bool = Field(True, description="put replicas on different nodes where they fit")
     placement_timeout_s: float = Field(60.0, gt=0.0, description="fail a stage whose GPUs cannot be placed by then")
@@ -307,14 +320,19 @@ class SFTConfig(TrainConfig):
 
     lr: float = Field(1e-4, gt=0.0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: bool = Field(False, description="reason from the rejected answer as a first draft (the paper's reflection)")
+    contrast: bool = Field(
+        False, description="reason from the rejected answer as a first draft (the paper's reflection)"
+    )
     reasoning: str = Field("Let me think about what a good answer needs.", description="reasoning without contrast")
     contrast_reasoning: str = Field(
         "A first draft: {rejected}\nThat draft falls short; a better answer fixes its problems.",
-        description="reasoning with contrast; {rejected} is the rejected answer")
+        description="reasoning with contrast; {rejected} is the rejected answer",
+    )
     marker: str = "Final Answer:"
     max_prompt_tokens: int = Field(512, ge=16)
-    max_answer_tokens: int = Field(256, ge=4, description="the chosen and the rejected answer each keep this many tokens")
+    max_answer_tokens: int = Field(
+        256, ge=4, description="the chosen and the rejected answer each keep this many tokens"
+    )
 
 
 class EntropyConfig(Strict):
@@ -356,12 +374,19 @@ class GemConfig(RunConfig):
 
     train: dict[str, str] = Field(
         {"alpaca_low_quality": "genies:alpaca_low_quality:train", "alpaca_mmlu": "genies:alpaca_mmlu:train"},
-        description="name -> .jsonl, .parquet, a datasets folder or genies:DISTRIBUTION:SPLIT")
+        description="name -> .jsonl, .parquet, a datasets folder or genies:DISTRIBUTION:SPLIT",
+    )
     eval: dict[str, str] = {
-        "alpaca_low_quality": "genies:alpaca_low_quality:test", "alpaca_mmlu": "genies:alpaca_mmlu:test",
-        "alpaca_high_quality": "genies:alpaca_high_quality:test"}
-    columns: dict[str, str] = Field(default_factory=dict, description="prompt/chosen/rejected -> the files' column names")
-    genies_data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
+        "alpaca_low_quality": "genies:alpaca_low_quality:test",
+        "alpaca_mmlu": "genies:alpaca_mmlu:test",
+        "alpaca_high_quality": "genies:alpaca_high_quality:test",
+    }
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="prompt/chosen/rejected -> the files' column names"
+    )
+    genies_data_dir: str | None = Field(
+        None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies"
+    )
     max_train_pairs: int | None = Field(None, ge=1, description="cap per training set (seeded subset)")
     max_eval_pairs: int | None = Field(None, ge=1, description="cap per evaluation set (seeded subset)")
     seed: int = 0
@@ -377,8 +402,10 @@ class GemConfig(RunConfig):
     @model_validator(mode="after")
     def _one_marker(self):
         if self.sft.marker != self.entropy.marker:
-            raise ValueError(f"sft.marker {self.sft.marker!r} and entropy.marker {self.entropy.marker!r} must be the "
-                             "same: filtering looks for the marker SFT taught")
+            raise ValueError(
+                f"sft.marker {self.sft.marker!r} and entropy.marker {self.entropy.marker!r} must be the "
+                "same: filtering looks for the marker SFT taught"
+            )
         if not self.sample.cot:
             raise ValueError("sample.cot must be true in the gem flow: entropy filtering needs the per-step entropies")
         return self
@@ -397,15 +424,20 @@ class PipelineConfig(Strict):
         return self.training.paths
 
 
-FLOW_CONFIGS: dict[str, type[Strict]] = {"self-improve": SelfImproveConfig, "genies-eval": GeniesConfig, "gem": GemConfig,
-                                         "pipeline": PipelineConfig}
+FLOW_CONFIGS: dict[str, type[Strict]] = {
+    "self-improve": SelfImproveConfig,
+    "genies-eval": GeniesConfig,
+    "gem": GemConfig,
+    "pipeline": PipelineConfig,
+}
 
 
 def with_home(config: Strict, home: str) -> Strict:
     """The config with every ``paths.home`` set to ``home`` (the CLI's --home)."""
     if isinstance(config, PipelineConfig):
-        return config.model_copy(update={"training": with_home(config.training, home),
-                                         "genies": with_home(config.genies, home)})
+        return config.model_copy(
+            update={"training": with_home(config.training, home), "genies": with_home(config.genies, home)}
+        )
     return config.model_copy(update={"paths": config.paths.model_copy(update={"home": home})})
 
 
@@ -477,12 +509,17 @@ def _sections(kind: type[BaseModel]) -> dict[str, type[BaseModel]]:
 
 def _nested_models(kind: type[BaseModel]) -> dict[str, type[BaseModel]]:
     """Keys of ``kind`` whose values are config models themselves."""
-    models = {name: f.annotation for name, f in kind.model_fields.items()
-              if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    models = {
+        name: f.annotation
+        for name, f in kind.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+    }
     return {**models, **_sections(kind)}
 
 
 def _error_details(error: ValidationError, prefix: tuple = ()) -> list[InitErrorDetails]:
     """A validation error's items, re-raisable as part of another model's error under ``prefix``."""
-    return [InitErrorDetails(type=e["type"], loc=(*prefix, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
-            for e in error.errors()]
+    return [
+        InitErrorDetails(type=e["type"], loc=(*prefix, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+        for e in error.errors()
+    ]

@@ -4,6 +4,7 @@
 alignflow writes ``HOST:PID:START``: the start time tells a live process from a
 later one that was given the same pid. Prefect's process worker writes ``HOST:PID``
 (older releases) or a bare ``PID``, which name no host."""
+
 from __future__ import annotations
 
 import socket

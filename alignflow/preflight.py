@@ -2,9 +2,10 @@
 ``preflight``): prompt files, preference files, GENIES folders and shift specs go through
 the readers and validators their stages use, so bad input fails with the same one-line
 error naming the file, line or field, and no flow run is created for it."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from alignflow.config import GemConfig, GeniesConfig, PipelineConfig, RunConfig, SelfImproveConfig
 
@@ -47,8 +48,12 @@ def check_pipeline(config: PipelineConfig) -> None:
     check_genies(config.genies)
 
 
-CHECKS: dict[str, Callable] = {"self-improve": check_self_improve, "gem": check_gem, "genies-eval": check_genies,
-                               "pipeline": check_pipeline}
+CHECKS: dict[str, Callable] = {
+    "self-improve": check_self_improve,
+    "gem": check_gem,
+    "genies-eval": check_genies,
+    "pipeline": check_pipeline,
+}
 
 
 def preflight(flow: str, config: RunConfig | PipelineConfig) -> None:

@@ -1,6 +1,7 @@
 """Process set-up before Prefect is imported: its home, results and logs live under
 the run's paths, and offline telemetry is off. A user's own PREFECT_API_URL
 (a real server) is respected; without it Prefect runs ephemeral."""
+
 from __future__ import annotations
 
 import logging

@@ -47,14 +47,15 @@ Examples
   python bench/bench_demo.py --model-cache /tmp/afhome/models
   python bench/bench_demo.py --model-cache /tmp/afhome/models limit_prompts=8   # quick check
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -72,14 +73,23 @@ SOURCE_DIRS = ("alignflow", "flows", "tasks", "storage", "workers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="YAML config (default: configs/demo.yaml)")
-    p.add_argument("--home", help="reuse this ALIGNFLOW_HOME instead of a fresh temporary one "
-                   "(its committed artifacts make the 'cold' run partly cached)")
-    p.add_argument("--model-cache", default=None,
-                   help="existing converted model cache to read the model from "
-                   "(default: $ALIGNFLOW_HOME/models if ALIGNFLOW_HOME is set, else HOME/models)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default=str(ROOT / "configs" / "demo.yaml"), help="YAML config (default: configs/demo.yaml)"
+    )
+    p.add_argument(
+        "--home",
+        help="reuse this ALIGNFLOW_HOME instead of a fresh temporary one "
+        "(its committed artifacts make the 'cold' run partly cached)",
+    )
+    p.add_argument(
+        "--model-cache",
+        default=None,
+        help="existing converted model cache to read the model from "
+        "(default: $ALIGNFLOW_HOME/models if ALIGNFLOW_HOME is set, else HOME/models)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "demo.json"), help="JSON output path")
     p.add_argument("--keep", action="store_true", help="keep the temporary home (default: removed at the end)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. limit_prompts=8")
@@ -118,6 +128,7 @@ def main(argv=None) -> int:
     from alignflow.storage.artifacts import ArtifactStore
     from alignflow.tasks.base_model import base_model_ref
     from alignflow.workers.models import BUILTIN_MODELS, FINGERPRINT
+
     import_s = time.perf_counter() - t0
     source_before = source_fingerprint()
     load_before = load_average()
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
 
     # -- cold run -------------------------------------------------------------------------
     store = ArtifactStore(paths.artifact_root, config.storage.options())
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     print("\ncold run ...", flush=True)
     cold_wall, summary, cold_prefect = timed_flow_run(self_improve, config)
 
@@ -151,8 +162,11 @@ def main(argv=None) -> int:
     cached_wall, summary2, cached_prefect = timed_flow_run(self_improve, config)
     recomputed = [a for a, b in zip(uris(summary), uris(summary2)) if a != b]
     if recomputed:
-        print(f"warning: the re-run recomputed {len(recomputed)} artifact(s) (different keys): "
-              f"{', '.join(u.rsplit('/', 2)[-2] for u in recomputed)}", file=sys.stderr)
+        print(
+            f"warning: the re-run recomputed {len(recomputed)} artifact(s) (different keys): "
+            f"{', '.join(u.rsplit('/', 2)[-2] for u in recomputed)}",
+            file=sys.stderr,
+        )
     print("plain script (the same stage functions, no Prefect) ...", flush=True)
     from benchlib import run_plain, timed
 
@@ -163,8 +177,11 @@ def main(argv=None) -> int:
         print("warning: the plain script's artifact keys differ from the flow's", file=sys.stderr)
     source_changed = source_fingerprint() != source_before
     if source_changed:
-        print("warning: the project's source changed on disk during the benchmark; stage keys hash the "
-              "source, so a changed file makes the re-run recompute", file=sys.stderr)
+        print(
+            "warning: the project's source changed on disk during the benchmark; stage keys hash the "
+            "source, so a changed file makes the re-run recompute",
+            file=sys.stderr,
+        )
 
     stages = stage_rows(store, summary, started_at)
     computed = [s for s in stages if s["computed_in_cold_run"]]
@@ -175,7 +192,9 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "config": {"file": args.config, "overrides": args.overrides, "resolved": config.model_dump(mode="json")},
-        "home": str(home), "temporary_home": temp_home is not None, "model_cache": paths.model_cache,
+        "home": str(home),
+        "temporary_home": temp_home is not None,
+        "model_cache": paths.model_cache,
         "import_seconds": round(import_s, 3),
         "setup": setup,
         "stages": stages,
@@ -256,15 +275,21 @@ def stage_rows(store, summary: dict, started_at: dt.datetime) -> list[dict]:
         tokens = next((m[n] for n in TOKEN_METRICS if m.get(n) is not None), None)
         token_kind = next((n for n in TOKEN_METRICS if m.get(n) is not None), None)
         created = dt.datetime.fromisoformat(manifest["created_at"])
-        rows.append({
-            "stage": stage, "round": rnd, "key": key, "rows": manifest["rows"],
-            "seconds": seconds,
-            "tokens_per_s": m.get("tokens_per_s"),  # the stage's own figure (its generation/forward loop only)
-            "token_kind": token_kind, "tokens": tokens,
-            "tokens_per_stage_s": round(tokens / seconds, 1) if tokens and seconds else None,  # incl. model load
-            "computed_in_cold_run": created >= started_at,
-            "metrics": m,
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "round": rnd,
+                "key": key,
+                "rows": manifest["rows"],
+                "seconds": seconds,
+                "tokens_per_s": m.get("tokens_per_s"),  # the stage's own figure (its generation/forward loop only)
+                "token_kind": token_kind,
+                "tokens": tokens,
+                "tokens_per_stage_s": round(tokens / seconds, 1) if tokens and seconds else None,  # incl. model load
+                "computed_in_cold_run": created >= started_at,
+                "metrics": m,
+            }
+        )
     return rows
 
 
@@ -285,9 +310,11 @@ def git_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
-            "modified": [line[3:] for line in git("status", "--porcelain").splitlines() if line],
-            "fingerprint": source_fingerprint()}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "modified": [line[3:] for line in git("status", "--porcelain").splitlines() if line],
+        "fingerprint": source_fingerprint(),
+    }
 
 
 def load_average() -> list[float] | None:
@@ -301,8 +328,11 @@ def cpu_counters() -> dict:
     """Machine-wide busy CPU seconds (/proc/stat) and this process's own CPU seconds."""
     import resource
 
-    own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
+    own = sum(
+        getattr(resource.getrusage(w), f)
+        for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
@@ -319,9 +349,13 @@ def cpu_contention(before: dict, after: dict, _timed_s: float) -> dict | None:
     elapsed = after["t"] - before["t"]
     busy = after["machine_busy_s"] - before["machine_busy_s"]
     own = after["own_cpu_s"] - before["own_cpu_s"]
-    return {"elapsed_s": round(elapsed, 1), "machine_busy_cpu_s": round(busy, 1), "own_cpu_s": round(own, 1),
-            "other_cpu_s": round(busy - own, 1), "other_cpu_share_of_capacity":
-            round((busy - own) / (elapsed * (os.cpu_count() or 1)), 3)}
+    return {
+        "elapsed_s": round(elapsed, 1),
+        "machine_busy_cpu_s": round(busy, 1),
+        "own_cpu_s": round(own, 1),
+        "other_cpu_s": round(busy - own, 1),
+        "other_cpu_share_of_capacity": round((busy - own) / (elapsed * (os.cpu_count() or 1)), 3),
+    }
 
 
 def prefect_times(state) -> dict:
@@ -337,8 +371,12 @@ def prefect_times(state) -> dict:
         return {
             "flow_run_seconds": _span(flow_run.start_time, flow_run.end_time),
             "task_runs": sorted(
-                ({"name": tr.name, "state": tr.state_name, "seconds": _span(tr.start_time, tr.end_time)} for tr in task_runs),
-                key=lambda r: r["name"]),
+                (
+                    {"name": tr.name, "state": tr.state_name, "seconds": _span(tr.start_time, tr.end_time)}
+                    for tr in task_runs
+                ),
+                key=lambda r: r["name"],
+            ),
         }
     except Exception as e:  # the benchmark numbers do not depend on this
         return {"error": f"{type(e).__name__}: {e}"}
@@ -378,25 +416,37 @@ def print_report(r: dict) -> None:
         name = s["stage"] if s["round"] <= 1 else f"{s['stage']} (round {s['round']})"
         if not s["computed_in_cold_run"]:
             name += " [pre-existing, cached]"
-        print(f"| {name} | {s['rows']} | {_fmt(s['seconds'], '.2f')} | {_fmt(s['tokens_per_s'], '.1f')} "
-              f"| {_fmt(s['tokens_per_stage_s'], '.1f')} |")
+        print(
+            f"| {name} | {s['rows']} | {_fmt(s['seconds'], '.2f')} | {_fmt(s['tokens_per_s'], '.1f')} "
+            f"| {_fmt(s['tokens_per_stage_s'], '.1f')} |"
+        )
     print(f"\nsum of stage seconds:      {r['sum_stage_seconds']:.2f}s")
     print(f"cold flow wall time:       {r['cold_flow_wall_seconds']:.2f}s")
-    print(f"orchestration overhead:    {r['overhead_seconds']:.2f}s; "
-          f"ratio wall / sum(stages) = {_fmt(r['overhead_ratio'], '.3f')}")
-    print(f"cached re-run wall time:   {r['cached_rerun_wall_seconds']:.2f}s "
-          f"({100 * r['cached_over_cold']:.2f}% of the cold run)")
-    print(f"plain script wall time:    {r['plain_script_wall_seconds']:.2f}s (same stages, no Prefect; "
-          f"keys match the flow's: {r['plain_script_keys_match_flow']})")
+    print(
+        f"orchestration overhead:    {r['overhead_seconds']:.2f}s; "
+        f"ratio wall / sum(stages) = {_fmt(r['overhead_ratio'], '.3f')}"
+    )
+    print(
+        f"cached re-run wall time:   {r['cached_rerun_wall_seconds']:.2f}s "
+        f"({100 * r['cached_over_cold']:.2f}% of the cold run)"
+    )
+    print(
+        f"plain script wall time:    {r['plain_script_wall_seconds']:.2f}s (same stages, no Prefect; "
+        f"keys match the flow's: {r['plain_script_keys_match_flow']})"
+    )
     print(f"flow / plain script:       {r['flow_over_plain_script']:.3f}")
     b = r["overhead_breakdown"]
     if b["before_flow_run_seconds"] is not None:
-        print(f"  of which: before the Prefect flow run starts {b['before_flow_run_seconds']:.2f}s, "
-              f"flow body outside tasks {b['flow_run_minus_task_runs_seconds']:.2f}s, "
-              f"task runs beyond stage compute {b['task_runs_minus_stage_seconds']:.2f}s")
+        print(
+            f"  of which: before the Prefect flow run starts {b['before_flow_run_seconds']:.2f}s, "
+            f"flow body outside tasks {b['flow_run_minus_task_runs_seconds']:.2f}s, "
+            f"task runs beyond stage compute {b['task_runs_minus_stage_seconds']:.2f}s"
+        )
     for s in r["setup"]:
-        print(f"setup (excluded):          {s['model']}: {s['seconds']:.2f}s "
-              f"({'converted' if s['converted'] else 'cached, no conversion'})")
+        print(
+            f"setup (excluded):          {s['model']}: {s['seconds']:.2f}s "
+            f"({'converted' if s['converted'] else 'cached, no conversion'})"
+        )
     for label in ("cold", "cached"):
         p = r["prefect"][label]
         if "flow_run_seconds" in p:
@@ -405,16 +455,24 @@ def print_report(r: dict) -> None:
     print(f"load average start/end: {r['load_average']['start']} / {r['load_average']['end']}")
     c = r["cpu_contention"]
     if c:
-        print(f"cpu: this process {c['own_cpu_s']:.0f} cpu-s, other processes {c['other_cpu_s']:.0f} cpu-s "
-              f"({100 * c['other_cpu_share_of_capacity']:.1f}% of the machine's capacity over {c['elapsed_s']:.0f}s)")
+        print(
+            f"cpu: this process {c['own_cpu_s']:.0f} cpu-s, other processes {c['other_cpu_s']:.0f} cpu-s "
+            f"({100 * c['other_cpu_share_of_capacity']:.1f}% of the machine's capacity over {c['elapsed_s']:.0f}s)"
+        )
     if r["rerun_recomputed"]:
-        print(f"warning: the re-run was not all-cached; recomputed: {', '.join(r['rerun_recomputed'])}"
-              + (" (the source changed during the run)" if r["source"]["changed_during_run"] else ""))
+        print(
+            f"warning: the re-run was not all-cached; recomputed: {', '.join(r['rerun_recomputed'])}"
+            + (" (the source changed during the run)" if r["source"]["changed_during_run"] else "")
+        )
     if any(not s["computed_in_cold_run"] for s in r["stages"]):
-        print("note: some artifacts pre-existed in --home; they are excluded from the stage sum, "
-              "so the overhead ratio is not a clean cold measurement")
-    print("note: stage seconds exclude the artifact commit; setup (model conversion) is excluded from wall and overhead; "
-          "the cold wall includes Prefect's ephemeral server start")
+        print(
+            "note: some artifacts pre-existed in --home; they are excluded from the stage sum, "
+            "so the overhead ratio is not a clean cold measurement"
+        )
+    print(
+        "note: stage seconds exclude the artifact commit; setup (model conversion) is excluded from wall and overhead; "
+        "the cold wall includes Prefect's ephemeral server start"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ does not checkpoint: the same work on both sides.
     pip install -e '.[bench]'
     python bench/bench_dpo_trl.py --data-dir $ALIGNFLOW_HOME/genies --pairs 64 --batch-size 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,14 +59,22 @@ def load_pairs(args) -> list[dict]:
 
 
 def dpo_config(args) -> DPOConfig:
-    return DPOConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, val_fraction=0.0,
-                     checkpoint_every=10**6, eval_every=10**6, lora=LORA)
+    return DPOConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        val_fraction=0.0,
+        checkpoint_every=10**6,
+        eval_every=10**6,
+        lora=LORA,
+    )
 
 
 def sequence_lengths(rows: list[dict]) -> list[int]:
     """Lengths of the chosen then the rejected sequences, prompt included."""
-    return ([len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows]
-            + [len(r["prompt_ids"]) + len(r["rejected_ids"]) for r in rows])
+    return [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows] + [
+        len(r["prompt_ids"]) + len(r["rejected_ids"]) for r in rows
+    ]
 
 
 def run_naive(args, model_dir: Path) -> dict:
@@ -76,11 +85,21 @@ def run_naive(args, model_dir: Path) -> dict:
     backend = HFBackend(model_dir, dtype="float32")
     started = time.perf_counter()
     rows = [encode_pair(backend.tokenizer, p, backend.stop_ids, None, None) for p in pairs]
-    logps = [one_sequence_logprob(backend.model, r["prompt_ids"], r[f"{side}_ids"])
-             for side in ("chosen", "rejected") for r in rows]
+    logps = [
+        one_sequence_logprob(backend.model, r["prompt_ids"], r[f"{side}_ids"])
+        for side in ("chosen", "rejected")
+        for r in rows
+    ]
     seconds = time.perf_counter() - started
-    return {"side": "naive", "pairs": len(rows), "precompute_s": seconds, "precompute_tokens": sum(sequence_lengths(rows)),
-            "padding_waste": 0.0, "logps": logps, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": "naive",
+        "pairs": len(rows),
+        "precompute_s": seconds,
+        "precompute_tokens": sum(sequence_lengths(rows)),
+        "padding_waste": 0.0,
+        "logps": logps,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_ours(args, model_dir: Path) -> dict:
@@ -102,64 +121,120 @@ def run_ours(args, model_dir: Path) -> dict:
     rss_before = current_rss_mb()
     scratch = tempfile.mkdtemp(prefix="bench-dpo-")
     started = time.perf_counter()
-    state = train(model, rows, [], config, dpo_objective(config, tokenizer.pad_token_id),
-                  Checkpoints(ArtifactStore(scratch), "train_dpo", "bench"))
+    state = train(
+        model,
+        rows,
+        [],
+        config,
+        dpo_objective(config, tokenizer.pad_token_id),
+        Checkpoints(ArtifactStore(scratch), "train_dpo", "bench"),
+    )
     train_s = time.perf_counter() - started
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
     lengths = sequence_lengths(rows)
     batches = [[lengths[i] for i in batch] for batch in token_budget_batches(lengths, args.token_budget)]
-    return {"side": "alignflow", "pairs": len(rows), "precompute_s": precompute_s, "precompute_tokens": ref_metrics["tokens"],
-            "padding_waste": padding_waste(batches),
-            "logps": [r["chosen_logp"] for r in rows] + [r["rejected_logp"] for r in rows],
-            "train_s": train_s, "train_tokens": tokens * args.epochs, "steps": state.step,
-            "first_loss": state.log[0]["loss"], "last_loss": state.log[-1]["loss"],
-            "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": "alignflow",
+        "pairs": len(rows),
+        "precompute_s": precompute_s,
+        "precompute_tokens": ref_metrics["tokens"],
+        "padding_waste": padding_waste(batches),
+        "logps": [r["chosen_logp"] for r in rows] + [r["rejected_logp"] for r in rows],
+        "train_s": train_s,
+        "train_tokens": tokens * args.epochs,
+        "steps": state.step,
+        "first_loss": state.log[0]["loss"],
+        "last_loss": state.log[-1]["loss"],
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_trl(args, model_dir: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig as TRLConfig, DPOTrainer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
 
     from alignflow.tasks.training import total_steps
 
     pairs = load_pairs(args)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+            for p in pairs
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     ours = dpo_config(args)
     out = tempfile.mkdtemp(prefix="bench-trl-")
     config = TRLConfig(
-        output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="cosine",
+        output_dir=out,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
         warmup_steps=max(1, round(ours.warmup_ratio * total_steps(len(pairs), ours))),
-        weight_decay=0.0, max_grad_norm=ours.max_grad_norm, beta=ours.beta, loss_type=["sigmoid"],
-        precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size, max_length=None,
-        gradient_checkpointing=False, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
-        logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        weight_decay=0.0,
+        max_grad_norm=ours.max_grad_norm,
+        beta=ours.beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=args.batch_size,
+        max_length=None,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=list(ours.lora.target_modules))
+    lora = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=list(ours.lora.target_modules),
+    )
     started = time.perf_counter()
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     build_s = time.perf_counter() - started  # tokenisation + reference log-probs
     tokenized = trainer.train_dataset
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in tokenized)
-    batches = [sequence_lengths(tokenized.select(range(i, min(i + args.batch_size, len(tokenized)))))
-               for i in range(0, len(tokenized), args.batch_size)]
+    batches = [
+        sequence_lengths(tokenized.select(range(i, min(i + args.batch_size, len(tokenized)))))
+        for i in range(0, len(tokenized), args.batch_size)
+    ]
     rss_before = current_rss_mb()
     started = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # logging_steps=1: every step
-    return {"side": "trl", "pairs": len(tokenized), "precompute_s": build_s, "precompute_tokens": tokens,
-            "padding_waste": padding_waste(batches),
-            "train_s": train_s, "train_tokens": tokens * args.epochs, "steps": result.global_step,
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": "trl",
+        "pairs": len(tokenized),
+        "precompute_s": build_s,
+        "precompute_tokens": tokens,
+        "padding_waste": padding_waste(batches),
+        "train_s": train_s,
+        "train_tokens": tokens * args.epochs,
+        "steps": result.global_step,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_side(args) -> None:
@@ -183,19 +258,35 @@ def compare(args, argv: list[str]) -> None:
 
     def rate(r, kind):
         return r[f"{kind}_tokens"] / r[f"{kind}_s"]
-    print(json.dumps({
-        **sides,
-        "train_tok_s": {"alignflow": round(rate(ours, "train"), 1), "trl": round(rate(trl, "train"), 1)},
-        "train_throughput_ratio_ours_over_trl": round(rate(ours, "train") / rate(trl, "train"), 3),
-        "precompute_tok_s": {"alignflow": round(rate(ours, "precompute"), 1), "trl": round(rate(trl, "precompute"), 1)},
-        "precompute_throughput_ratio_ours_over_trl": round(rate(ours, "precompute") / rate(trl, "precompute"), 3),
-        "precompute_tok_s_naive": round(rate(naive, "precompute"), 1),
-        "precompute_throughput_ratio_ours_over_naive": round(rate(ours, "precompute") / rate(naive, "precompute"), 3),
-        "padding_waste": {side: round(r["padding_waste"], 4) for side, r in sides.items()},
-        "max_abs_logp_diff_ours_vs_naive": logp_diff,
-        "train_memory_ratio_ours_over_trl": round(
-            (ours["peak_rss_mb"] - ours["rss_before_train_mb"]) / max(1.0, trl["peak_rss_mb"] - trl["rss_before_train_mb"]), 3),
-    }, indent=1))
+
+    print(
+        json.dumps(
+            {
+                **sides,
+                "train_tok_s": {"alignflow": round(rate(ours, "train"), 1), "trl": round(rate(trl, "train"), 1)},
+                "train_throughput_ratio_ours_over_trl": round(rate(ours, "train") / rate(trl, "train"), 3),
+                "precompute_tok_s": {
+                    "alignflow": round(rate(ours, "precompute"), 1),
+                    "trl": round(rate(trl, "precompute"), 1),
+                },
+                "precompute_throughput_ratio_ours_over_trl": round(
+                    rate(ours, "precompute") / rate(trl, "precompute"), 3
+                ),
+                "precompute_tok_s_naive": round(rate(naive, "precompute"), 1),
+                "precompute_throughput_ratio_ours_over_naive": round(
+                    rate(ours, "precompute") / rate(naive, "precompute"), 3
+                ),
+                "padding_waste": {side: round(r["padding_waste"], 4) for side, r in sides.items()},
+                "max_abs_logp_diff_ours_vs_naive": logp_diff,
+                "train_memory_ratio_ours_over_trl": round(
+                    (ours["peak_rss_mb"] - ours["rss_before_train_mb"])
+                    / max(1.0, trl["peak_rss_mb"] - trl["rss_before_train_mb"]),
+                    3,
+                ),
+            },
+            indent=1,
+        )
+    )
 
 
 def dpo_bench_parser(description: str, pairs: int) -> argparse.ArgumentParser:

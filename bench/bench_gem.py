@@ -10,6 +10,7 @@
 
     python bench/bench_gem.py --prompts 16 --n 4 --max-new-tokens 64 --groups 8
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,15 @@ def recompute_entropies(backend: HFBackend, prompts, completions) -> list[list[f
         chunk = flat[start : start + backend.batch_size]
         batch = pack([p for p, _ in chunk], [r for _, r in chunk], backend.tokenizer.pad_token_id)
         first = int(batch["response_mask"].float().argmax(dim=1).min())  # logits only from the earliest response token
-        logits = backend.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=batch["input_ids"].shape[1] - first + 1).logits[:, :-1].float()
+        logits = (
+            backend.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=batch["input_ids"].shape[1] - first + 1,
+            )
+            .logits[:, :-1]
+            .float()
+        )
         entropies = token_entropy(torch.log_softmax(logits, dim=-1))
         mask = batch["response_mask"][:, first:]
         out += [row[m].tolist() for row, m in zip(entropies, mask)]
@@ -56,10 +64,14 @@ def bench_entropy(backend: HFBackend, prompts, args) -> tuple[dict, list]:
     recomputed = [h for row in second for h in row]
     tokens = sum(len(c.token_ids) for samples in plain for c in samples)
     result = {
-        "generated_tokens": tokens, "same_tokens": same_tokens,
+        "generated_tokens": tokens,
+        "same_tokens": same_tokens,
         "max_abs_entropy_diff_vs_second_pass": max(abs(a - b) for a, b in zip(recorded, recomputed)),
-        "plain_s": round(t_plain, 2), "with_entropies_s": round(t_during, 2), "second_pass_s": round(t_second, 2),
-        "plain_tok_s": round(tokens / t_plain, 1), "with_entropies_tok_s": round(tokens / t_during, 1),
+        "plain_s": round(t_plain, 2),
+        "with_entropies_s": round(t_during, 2),
+        "second_pass_s": round(t_second, 2),
+        "plain_tok_s": round(tokens / t_plain, 1),
+        "with_entropies_tok_s": round(tokens / t_during, 1),
         "overhead_ratio_during": round(t_during / t_plain, 3),
         "overhead_ratio_second_pass": round((t_plain + t_second) / t_plain, 3),
     }
@@ -71,8 +83,14 @@ def sega_groups_from(prompts, completions, k: int) -> list[dict]:
     groups = []
     for prompt, samples in zip(prompts, completions):
         scores = torch.tensor([-sum(c.entropies) / len(c.entropies) for c in samples[:k]])
-        groups.append({"prompt_id": str(len(groups)), "prompt_ids": prompt, "responses": [c.token_ids for c in samples[:k]],
-                       "advantages": group_advantages(scores, "softmax", zscore=True).tolist()})
+        groups.append(
+            {
+                "prompt_id": str(len(groups)),
+                "prompt_ids": prompt,
+                "responses": [c.token_ids for c in samples[:k]],
+                "advantages": group_advantages(scores, "softmax", zscore=True).tolist(),
+            }
+        )
     return groups
 
 
@@ -99,10 +117,13 @@ def bench_sega(model_dir, groups, args) -> dict:
         out = torch.cat([p.grad.flatten() for p in params])
         model.zero_grad(set_to_none=True)
         return out
+
     batched()  # warm-up
     grads()
+
     def per_candidate():
         per_candidate_step(model, groups, tokenizer.pad_token_id)
+
     results = {}
     for name, step in (("batched", batched), ("per_candidate", per_candidate)):
         seconds = []
@@ -111,11 +132,17 @@ def bench_sega(model_dir, groups, args) -> dict:
             results[f"{name}_grad"] = grads()
         results[name] = min(seconds)
     grad_diff = float((results.pop("batched_grad") - results.pop("per_candidate_grad")).abs().max())
-    return {"tokens_per_step": tokens, "groups": len(groups), "k": len(groups[0]["responses"]),
-            "batched_step_s": round(results["batched"], 2), "per_candidate_step_s": round(results["per_candidate"], 2),
-            "batched_tok_s": round(tokens / results["batched"], 1),
-            "per_candidate_tok_s": round(tokens / results["per_candidate"], 1),
-            "speedup": round(results["per_candidate"] / results["batched"], 3), "max_abs_grad_diff": grad_diff}
+    return {
+        "tokens_per_step": tokens,
+        "groups": len(groups),
+        "k": len(groups[0]["responses"]),
+        "batched_step_s": round(results["batched"], 2),
+        "per_candidate_step_s": round(results["per_candidate"], 2),
+        "batched_tok_s": round(tokens / results["batched"], 1),
+        "per_candidate_tok_s": round(tokens / results["per_candidate"], 1),
+        "speedup": round(results["per_candidate"] / results["batched"], 3),
+        "max_abs_grad_diff": grad_diff,
+    }
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ vocabulary logits (how a straightforward evaluation script does it).
     python bench/bench_genies_scoring.py --data-dir $ALIGNFLOW_HOME/genies \\
         --distributions alpaca_mmlu us_history_fiction --pairs 48
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: in
 def per_pair_loop(model, tokenizer, pairs: list[dict], max_tokens: int) -> tuple[list[float], list[float]]:
     """The baseline: one forward per response, batch size 1, full logits."""
     seqs = encode_pairs(tokenizer, pairs, max_tokens)  # same token ids as ours, so the numbers must agree
-    sums = {(a, b, i): one_sequence_logprob(model, seqs.prompts[i], seqs.responses[i])
-            for a, b in seqs.pair_index for i in (a, b)}
+    sums = {
+        (a, b, i): one_sequence_logprob(model, seqs.prompts[i], seqs.responses[i])
+        for a, b in seqs.pair_index
+        for i in (a, b)
+    }
     return [sums[(a, b, a)] for a, b in seqs.pair_index], [sums[(a, b, b)] for a, b in seqs.pair_index]
 
 
@@ -70,14 +74,23 @@ def main() -> None:
     preferred = [p if pair["preferred"] == 0 else 1 - p for pair, p in zip(pairs, p_ours)]
     preferred_base = [p if pair["preferred"] == 0 else 1 - p for pair, p in zip(pairs, p_base)]
     result = {
-        "model": args.model, "dtype": args.dtype, "distributions": args.distributions, "pairs": len(pairs),
-        "distinct_sequences": len(seqs.prompts), "pair_tokens": pair_tokens, "threads": torch.get_num_threads(),
-        "alignflow_s": round(ours_s, 2), "baseline_s": round(base_s, 2),
-        "alignflow_pairs_per_s": round(len(pairs) / ours_s, 2), "baseline_pairs_per_s": round(len(pairs) / base_s, 2),
-        "alignflow_tokens_per_s": round(pair_tokens / ours_s, 1), "baseline_tokens_per_s": round(pair_tokens / base_s, 1),
+        "model": args.model,
+        "dtype": args.dtype,
+        "distributions": args.distributions,
+        "pairs": len(pairs),
+        "distinct_sequences": len(seqs.prompts),
+        "pair_tokens": pair_tokens,
+        "threads": torch.get_num_threads(),
+        "alignflow_s": round(ours_s, 2),
+        "baseline_s": round(base_s, 2),
+        "alignflow_pairs_per_s": round(len(pairs) / ours_s, 2),
+        "baseline_pairs_per_s": round(len(pairs) / base_s, 2),
+        "alignflow_tokens_per_s": round(pair_tokens / ours_s, 1),
+        "baseline_tokens_per_s": round(pair_tokens / base_s, 1),
         "speedup": round(base_s / ours_s, 2),
         "max_abs_logprob_diff": max(abs(x - y) for x, y in zip(ours_a + ours_b, base_a + base_b)),
-        "accuracy_alignflow": accuracy(preferred), "accuracy_baseline": accuracy(preferred_base),
+        "accuracy_alignflow": accuracy(preferred),
+        "accuracy_baseline": accuracy(preferred_base),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

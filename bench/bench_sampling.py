@@ -8,6 +8,7 @@ Tokens/s counts generated tokens up to and including each row's end-of-turn toke
 
     python bench/bench_sampling.py --prompts 16 --n 4 --max-new-tokens 64 --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,20 @@ def plain_generate(backend: HFBackend, prompts: list[list[int]], params: Generat
     rows = [p for p in prompts for _ in range(params.n)]
     generated = 0
     for start in range(0, len(rows), backend.batch_size):
-        batch = tokenizer.pad({"input_ids": rows[start : start + backend.batch_size]}, padding=True,
-                              return_tensors="pt")
+        batch = tokenizer.pad(
+            {"input_ids": rows[start : start + backend.batch_size]}, padding=True, return_tensors="pt"
+        )
         with torch.inference_mode():
-            out = model.generate(**batch, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
-                                 max_new_tokens=params.max_new_tokens, eos_token_id=backend.stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=backend.stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new = out[:, batch["input_ids"].shape[1] :]
         generated += sum(_length_to_stop(row.tolist(), backend.stop_ids) for row in new)
     return generated
@@ -54,8 +63,11 @@ def hf_against_generate(backend: HFBackend, prompts: list[list[int]], params: Ge
         ours.append(sum(len(c.token_ids) for samples in completions for c in samples) / seconds)
         tokens, seconds = timed(lambda: plain_generate(backend, prompts, params))
         theirs.append(tokens / seconds)
-    return {"alignflow_tok_s": [round(x, 1) for x in ours], "generate_tok_s": [round(x, 1) for x in theirs],
-            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}
+    return {
+        "alignflow_tok_s": [round(x, 1) for x in ours],
+        "generate_tok_s": [round(x, 1) for x in theirs],
+        "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)],
+    }
 
 
 def main() -> None:
@@ -64,12 +76,22 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    backend = HFBackend(resolve_model_dir(args.model, alignflow_home() / "models"), dtype=args.dtype,
-                        batch_size=args.batch_size)
+    backend = HFBackend(
+        resolve_model_dir(args.model, alignflow_home() / "models"), dtype=args.dtype, batch_size=args.batch_size
+    )
     prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
     params = GenerationParams(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
-    print(json.dumps({"threads": torch.get_num_threads(), "dtype": args.dtype, "rows": len(prompts) * args.n,
-                      **hf_against_generate(backend, prompts, params, args.repeats)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "dtype": args.dtype,
+                "rows": len(prompts) * args.n,
+                **hf_against_generate(backend, prompts, params, args.repeats),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

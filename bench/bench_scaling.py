@@ -11,6 +11,7 @@ as prompts x n(n-1).
 
     python bench/bench_scaling.py --sizes 4x3 8x4 16x6 [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,20 @@ STAGES = ("sample", "judge", "pairs", "logprobs", "train_dpo")
 def parse_size(text: str) -> tuple[int, int]:
     prompts, _, n = text.partition("x")
     if not (prompts.isdigit() and n.isdigit()) or int(n) < 2:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected PROMPTSxCANDIDATES with 2 or more candidates, e.g. 8x4")
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: expected PROMPTSxCANDIDATES with 2 or more candidates, e.g. 8x4"
+        )
     return int(prompts), int(n)
 
 
 def size_config(base: SelfImproveConfig, prompts: int, n: int, root: Path) -> SelfImproveConfig:
-    return base.model_copy(update={
-        "limit_prompts": prompts,
-        "sample": base.sample.model_copy(update={"n": n}),
-        "paths": base.paths.model_copy(update={"artifact_root": str(root)}),
-    })
+    return base.model_copy(
+        update={
+            "limit_prompts": prompts,
+            "sample": base.sample.model_copy(update={"n": n}),
+            "paths": base.paths.model_copy(update={"artifact_root": str(root)}),
+        }
+    )
 
 
 def stage_times(config: SelfImproveConfig, summary: dict) -> dict:
@@ -59,8 +64,14 @@ def run_size(base: SelfImproveConfig, prompts: int, n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="alignflow-scaling-") as root:
         config = size_config(base, prompts, n, Path(root))
         summary, wall = timed(lambda: run_plain(config))
-        return {"prompts": prompts, "n": n, "candidates": prompts * n, "judge_comparisons": prompts * n * (n - 1),
-                "wall_s": round(wall, 2), "stages": stage_times(config, summary)}
+        return {
+            "prompts": prompts,
+            "n": n,
+            "candidates": prompts * n,
+            "judge_comparisons": prompts * n * (n - 1),
+            "wall_s": round(wall, 2),
+            "stages": stage_times(config, summary),
+        }
 
 
 def growth(small: dict, large: dict, stage: str) -> float | None:

@@ -13,15 +13,15 @@ VLLM_CPU_KVCACHE_SPACE (GiB, default 2 here).
 
     .venv-vllm/bin/python bench/bench_vllm_sampling.py --prompts 16 --n 4 --max-new-tokens 64 --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import json
 import os
 from importlib import resources
 
-from benchlib import demo_prompt_ids, sampling_parser, timed
-
 from bench_sampling import hf_against_generate
+from benchlib import demo_prompt_ids, sampling_parser, timed
 
 from alignflow.config import SampleConfig, alignflow_home
 from alignflow.tasks.prompts import read_prompt_rows
@@ -36,8 +36,13 @@ def bare_generate(backend: VLLMBackend, prompts: list[list[int]], config: Sample
     """The baseline: every prompt in one LLM.generate call, n samples each; returns generated tokens."""
     from vllm import SamplingParams
 
-    params = SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
-                            max_tokens=config.max_new_tokens, stop_token_ids=backend.stop_ids)
+    params = SamplingParams(
+        n=config.n,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_new_tokens,
+        stop_token_ids=backend.stop_ids,
+    )
     outputs = backend.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
@@ -53,8 +58,9 @@ def main() -> None:
     backend = VLLMBackend(model_dir, dtype=args.dtype)
     rows = read_prompt_rows(resources.files("alignflow") / "data" / "demo_prompts.jsonl")[: args.prompts]
     prompts = demo_prompt_ids(backend.tokenizer, args.prompts)
-    config = SampleConfig(n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                          dtype=args.dtype, backend="vllm")
+    config = SampleConfig(
+        n=args.n, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, dtype=args.dtype, backend="vllm"
+    )
     sample_candidates(backend, rows[:1], config)  # warm-up both paths
     bare_generate(backend, prompts[:1], config)
     ours, theirs = [], []
@@ -64,13 +70,26 @@ def main() -> None:
         tokens, seconds = timed(lambda: bare_generate(backend, prompts, config))
         theirs.append(tokens / seconds)
     backend.close()
-    vllm = {"alignflow_tok_s": [round(x, 1) for x in ours], "llm_generate_tok_s": [round(x, 1) for x in theirs],
-            "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)]}
+    vllm = {
+        "alignflow_tok_s": [round(x, 1) for x in ours],
+        "llm_generate_tok_s": [round(x, 1) for x in theirs],
+        "ratio_per_repeat": [round(a / b, 3) for a, b in zip(ours, theirs)],
+    }
     hf = HFBackend(model_dir, dtype=args.dtype, batch_size=args.batch_size)
-    params = GenerationParams(n=args.n, temperature=config.temperature, top_p=config.top_p,
-                              max_new_tokens=args.max_new_tokens)
-    print(json.dumps({"dtype": args.dtype, "rows": len(prompts) * args.n, "vllm": vllm,
-                      "hf": hf_against_generate(hf, prompts, params, args.repeats)}, indent=1))
+    params = GenerationParams(
+        n=args.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=args.max_new_tokens
+    )
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "rows": len(prompts) * args.n,
+                "vllm": vllm,
+                "hf": hf_against_generate(hf, prompts, params, args.repeats),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

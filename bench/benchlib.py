@@ -2,6 +2,7 @@
 sampling arguments, the naive one-sequence log-prob baseline and the padding
 measure, and the self-improve stages run as plain functions without Prefect
 (``python bench/X.py`` puts this folder on sys.path)."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ def one_sequence_logprob(model, prompt: list[int], response: list[int]) -> float
     the response tokens' summed log-probs."""
     ids = torch.tensor([prompt + response])
     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    return float(logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):].unsqueeze(-1)).sum())
+    return float(logp[len(prompt) - 1 :].gather(-1, ids[0, len(prompt) :].unsqueeze(-1)).sum())
 
 
 def padding_waste(batches: list[list[int]]) -> float:

@@ -17,6 +17,7 @@ Beside the deployments, an automation marks flow runs Crashed when their
 heartbeats stop (Prefect's "detect zombie flows" recipe): a worker whose machine
 died or was preempted leaves no process to report the crash.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -42,8 +43,10 @@ def require_server() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise RuntimeError("no Prefect server: set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api "
-                           "(start one with `prefect server start`)")
+        raise RuntimeError(
+            "no Prefect server: set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api "
+            "(start one with `prefect server start`)"
+        )
     with get_client(sync_client=True) as client:
         if client.api_healthcheck() is not None:
             raise RuntimeError(f"no Prefect server answers at PREFECT_API_URL={url}")
@@ -62,8 +65,11 @@ def ensure_work_pool(name: str) -> bool:
             client.read_work_pool(name)
             return False
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                )
+            )
             return True
 
 
@@ -76,11 +82,14 @@ def genies_after_training(genies: GeniesConfig):
     return DeploymentEventTrigger(
         name="genies-after-self-improve",
         expect={"prefect.flow-run.Completed"},
-        match_related=[{"prefect.resource.role": "flow", "prefect.resource.name": TRAINING},
-                       {"prefect.resource.role": "deployment", "prefect.resource.name": TRAINING}],
+        match_related=[
+            {"prefect.resource.role": "flow", "prefect.resource.name": TRAINING},
+            {"prefect.resource.role": "deployment", "prefect.resource.name": TRAINING},
+        ],
         # a single {{ }} expression keeps its type: the training config arrives as a mapping
-        parameters={"config": {"training": "{{ flow_run.parameters.config }}",
-                               "genies": genies.model_dump(mode="json")}},
+        parameters={
+            "config": {"training": "{{ flow_run.parameters.config }}", "genies": genies.model_dump(mode="json")}
+        },
     )
 
 
@@ -103,9 +112,13 @@ def zombie_detection():
             threshold=1,
             within=ZOMBIE_AFTER,
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {ZOMBIE_AFTER.total_seconds():.0f} s: its process "
-                                            "is gone; `alignflow resume` runs it again from its finished stages")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {ZOMBIE_AFTER.total_seconds():.0f} s: its process "
+                "is gone; `alignflow resume` runs it again from its finished stages",
+            )
+        ],
     )
 
 
@@ -125,29 +138,41 @@ def ensure_zombie_detection() -> UUID:
 def build_deployments(configs: dict[str, Strict], cron: str | None = None) -> list:
     """One deployment per flow, named after it, with ``configs[name]`` (or the flow's
     default config) as its default parameters."""
-    from alignflow.flows import FLOWS
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
+
+    from alignflow.flows import FLOWS
 
     configs = {name: configs.get(name) or FLOW_CONFIGS[name]() for name in FLOWS}
     deployments = []
     for name, flow in FLOWS.items():
         extra = {}
         if name == "pipeline":
-            extra = {"schedules": [Cron(cron or EXAMPLE_CRON, timezone="UTC", active=cron is not None)],
-                     "triggers": [genies_after_training(configs[name].genies)]}
-        deployments.append(flow.to_deployment(
-            name=name, parameters={"config": configs[name].model_dump(mode="json")}, tags=["alignflow"],
-            entrypoint_type=EntrypointType.MODULE_PATH, **extra))
+            extra = {
+                "schedules": [Cron(cron or EXAMPLE_CRON, timezone="UTC", active=cron is not None)],
+                "triggers": [genies_after_training(configs[name].genies)],
+            }
+        deployments.append(
+            flow.to_deployment(
+                name=name,
+                parameters={"config": configs[name].model_dump(mode="json")},
+                tags=["alignflow"],
+                entrypoint_type=EntrypointType.MODULE_PATH,
+                **extra,
+            )
+        )
     return deployments
 
 
-def deploy(pool: str = WORK_POOL, configs: dict[str, Strict] | None = None, image: str | None = None,
-           cron: str | None = None) -> dict[str, UUID]:
+def deploy(
+    pool: str = WORK_POOL, configs: dict[str, Strict] | None = None, image: str | None = None, cron: str | None = None
+) -> dict[str, UUID]:
     """Create or update every deployment on ``pool`` (a process pool, created if absent;
     docker and kubernetes pools must exist and need ``image``), and the zombie-detection
     automation. Returns name -> id."""
     ensure_work_pool(pool)
     ensure_zombie_detection()
-    return {f"{d.flow_name}/{d.name}": d.apply(work_pool_name=pool, image=image)
-            for d in build_deployments(configs or {}, cron)}
+    return {
+        f"{d.flow_name}/{d.name}": d.apply(work_pool_name=pool, image=image)
+        for d in build_deployments(configs or {}, cron)
+    }

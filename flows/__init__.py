@@ -6,5 +6,9 @@ from alignflow.flows.self_improve import self_improve
 
 FLOWS = {"self-improve": self_improve, "genies-eval": genies_eval, "gem": gem, "pipeline": pipeline}
 # how the CLI prints each flow's returned summary
-SUMMARIES = {"self-improve": self_improve_markdown, "genies-eval": genies_markdown, "gem": gem_markdown,
-             "pipeline": pipeline_markdown}
+SUMMARIES = {
+    "self-improve": self_improve_markdown,
+    "genies-eval": genies_markdown,
+    "gem": gem_markdown,
+    "pipeline": pipeline_markdown,
+}

@@ -6,6 +6,7 @@ only, GEM (SFT + SEGA) and, with ``compare_dpo``, DPO from the base model.
 Rewards are beta * sum log pi (the paper's evaluation) and, for trained
 models, beta * (log pi - log pi_base) as RewardBench scores DPO models.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,10 +36,12 @@ def genies_dir(config: GemConfig) -> Path:
 def gem(config: GemConfig = GemConfig()) -> dict:
     config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
     ctx = run_context(config)
-    train = preferences_task(ctx, preference_set(config.train, genies_dir(config), config.columns,
-                                                 config.max_train_pairs, config.seed))
-    evals = preferences_task(ctx, preference_set(config.eval, genies_dir(config), config.columns,
-                                                 config.max_eval_pairs, config.seed))
+    train = preferences_task(
+        ctx, preference_set(config.train, genies_dir(config), config.columns, config.max_train_pairs, config.seed)
+    )
+    evals = preferences_task(
+        ctx, preference_set(config.eval, genies_dir(config), config.columns, config.max_eval_pairs, config.seed)
+    )
     base = base_model_task(config.model, ctx.model_cache)
     sft = train_sft_task(ctx, config.sft, policy=base, pairs=train)
     candidates = sample_task(ctx, config.sample, policy=sft, preferences=train)
@@ -51,12 +54,18 @@ def gem(config: GemConfig = GemConfig()) -> dict:
     if config.compare_dpo:
         with_reference = logprobs_task(ctx, config.logprobs, reference=base, pairs=train)
         stages["train_dpo"] = models["dpo"] = train_dpo_task(ctx, config.dpo, policy=base, pairs=with_reference)
-    accuracy = {(name, "log pi"): pref_accuracy_task(ctx, config.pref_accuracy, policy=model, pairs=evals)
-                for name, model in models.items()}
+    accuracy = {
+        (name, "log pi"): pref_accuracy_task(ctx, config.pref_accuracy, policy=model, pairs=evals)
+        for name, model in models.items()
+    }
     for name in [n for n in models if n != "base"]:
         accuracy[(name, "log pi - log pi_base")] = pref_accuracy_task(
-            ctx, config.pref_accuracy, policy_scores=accuracy[(name, "log pi")], pairs=evals,
-            reference_scores=accuracy[("base", "log pi")])
+            ctx,
+            config.pref_accuracy,
+            policy_scores=accuracy[(name, "log pi")],
+            pairs=evals,
+            reference_scores=accuracy[("base", "log pi")],
+        )
     summary = gem_summary(ctx.store(), stages, accuracy, list(config.eval))
     publish_gem(summary)
     return summary

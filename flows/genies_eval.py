@@ -5,6 +5,7 @@ Per shift S -> T (reference R) an intervention needs A(S->T), A(S->S) and
 A(R->R); zero_shot on T gives the baseline A0(T). Each (intervention, train
 distribution) and each evaluation is its own cached task.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,13 @@ from alignflow.genies.data import distribution_names
 from alignflow.genies.interventions import make_intervention
 from alignflow.genies.report import ReportSpec, evaluation_name, genies_report_task
 from alignflow.genies.shifts import check_distributions, distributions_needed, load_shifts
-from alignflow.genies.stages import (genies_evaluate_task, genies_pairs_task, genies_train_task, intervention_specs,
-                           pairs_spec)
+from alignflow.genies.stages import (
+    genies_evaluate_task,
+    genies_pairs_task,
+    genies_train_task,
+    intervention_specs,
+    pairs_spec,
+)
 from alignflow.tasks.base_model import base_model_task
 from alignflow.tasks.stage import RELEASE_HOOKS, run_context
 from alignflow.workers.hardware import resolve_dtypes
@@ -32,8 +38,11 @@ def evaluations_needed(shifts, trains: bool) -> set[tuple[str | None, str]]:
     """(train distribution or None, evaluated distribution) pairs one intervention needs."""
     if not trains:
         return {(None, d) for d in distributions_needed(shifts)["evaluate"]}
-    return {(s.source, s.target) for s in shifts} | {(s.source, s.source) for s in shifts} | {
-        (s.reference, s.reference) for s in shifts}
+    return (
+        {(s.source, s.target) for s in shifts}
+        | {(s.source, s.source) for s in shifts}
+        | {(s.reference, s.reference) for s in shifts}
+    )
 
 
 def launch(ctx, task, *args, **kwargs):
@@ -56,8 +65,10 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     check_distributions(shifts, distribution_names(root))
     specs = intervention_specs(config)
     if config.ceiling not in ("best", *(s.name for s in specs)):
-        raise ValueError(f"ceiling: '{config.ceiling}' is neither 'best' nor one of the interventions run "
-                         f"({', '.join(s.name for s in specs)})")
+        raise ValueError(
+            f"ceiling: '{config.ceiling}' is neither 'best' nor one of the interventions run "
+            f"({', '.join(s.name for s in specs)})"
+        )
     model = base_model_task(config.model, ctx.model_cache)
     needed = distributions_needed(shifts)
 
@@ -70,12 +81,22 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     evaluations, trains = {}, {}
     for spec in specs:
         trains[spec.name] = make_intervention(spec).trains
-        states = {d: launch(ctx, genies_train_task, ctx, spec, model=model, pairs=train_pairs[d])
-                  for d in sorted(needed["train"])} if trains[spec.name] else {}
+        states = (
+            {
+                d: launch(ctx, genies_train_task, ctx, spec, model=model, pairs=train_pairs[d])
+                for d in sorted(needed["train"])
+            }
+            if trains[spec.name]
+            else {}
+        )
         for source, target in sorted(evaluations_needed(shifts, trains[spec.name]), key=str):
             parents = {"model": model, "pairs": test_pairs[target]} | ({"state": states[source]} if source else {})
-            evaluations[evaluation_name(spec.name, source, target)] = launch(ctx, genies_evaluate_task, ctx, spec, **parents)
-    report_spec = ReportSpec(model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling)
+            evaluations[evaluation_name(spec.name, source, target)] = launch(
+                ctx, genies_evaluate_task, ctx, spec, **parents
+            )
+    report_spec = ReportSpec(
+        model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling
+    )
     report = genies_report_task(ctx, report_spec, **evaluations)
     store = ctx.store()
     summary = genies_summary(store, report, store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts"))

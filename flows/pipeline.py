@@ -6,6 +6,7 @@ halves are subflows with their own cached stages: a pipeline started after a
 self-improve run with the same training config gets its training back from
 cache and only evaluates (what the deployment's event trigger relies on).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

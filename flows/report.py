@@ -1,6 +1,7 @@
 """Every flow's run summary, in one place: where each artifact is and the numbers a
 user checks first, as the dict a flow returns, the markdown the CLI prints and the
 artifacts the Prefect UI shows. Stage reports (examples, curves) are tasks/stage_report.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,16 @@ HEADLINE = {
     "entropy_pairs": ["rows_out"],
     "train_sft": ["train_rows", "steps", "before_loss", "after_loss"],
     "train_sega": ["groups", "steps", "before_loss", "after_loss"],
-    "train_dpo": ["train_rows", "val_rows", "steps", "before_loss", "after_loss",
-                  "before_reward_accuracy", "after_reward_accuracy", "after_margin"],
+    "train_dpo": [
+        "train_rows",
+        "val_rows",
+        "steps",
+        "before_loss",
+        "after_loss",
+        "before_reward_accuracy",
+        "after_reward_accuracy",
+        "after_margin",
+    ],
 }
 
 
@@ -30,8 +39,11 @@ def headlines(store: ArtifactStore, refs: dict[str, ArtifactRef]) -> dict[str, d
     out = {}
     for stage, ref in refs.items():
         metrics = store.manifest(ref.stage, ref.key)["metrics"]
-        out[stage] = {"uri": ref.uri, **{n: metrics.get(n) for n in HEADLINE[ref.stage]},
-                      "seconds": metrics.get("seconds")}
+        out[stage] = {
+            "uri": ref.uri,
+            **{n: metrics.get(n) for n in HEADLINE[ref.stage]},
+            "seconds": metrics.get("seconds"),
+        }
     return out
 
 
@@ -58,8 +70,10 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
 
 # -- self-improve ---------------------------------------------------------------
 def self_improve_summary(store: ArtifactStore, prompts: ArtifactRef, rounds: list[dict[str, ArtifactRef]]) -> dict:
-    return {"prompts": headlines(store, {"prompts": prompts})["prompts"],
-            "rounds": [headlines(store, refs) for refs in rounds]}
+    return {
+        "prompts": headlines(store, {"prompts": prompts})["prompts"],
+        "rounds": [headlines(store, refs) for refs in rounds],
+    }
 
 
 def self_improve_markdown(summary: dict) -> str:
@@ -70,8 +84,9 @@ def self_improve_markdown(summary: dict) -> str:
 
 
 def publish_self_improve(summary: dict) -> None:
-    publish_markdown("self-improve-summary", self_improve_markdown(summary),
-                     "self-improve: artifacts and headline metrics")
+    publish_markdown(
+        "self-improve-summary", self_improve_markdown(summary), "self-improve: artifacts and headline metrics"
+    )
 
 
 # -- gem -------------------------------------------------------------------------
@@ -89,10 +104,18 @@ def gem_summary(store: ArtifactStore, stages: dict[str, ArtifactRef], accuracy: 
 
 def gem_markdown(summary: dict) -> str:
     datasets = summary["datasets"]
-    lines = ["# gem summary", "", "## preference accuracy (ties: share of pairs, not counted as correct)", "",
-             "| model | reward | " + " | ".join(datasets) + " | all |", "|---|---|" + "---:|" * (len(datasets) + 1)]
+    lines = [
+        "# gem summary",
+        "",
+        "## preference accuracy (ties: share of pairs, not counted as correct)",
+        "",
+        "| model | reward | " + " | ".join(datasets) + " | all |",
+        "|---|---|" + "---:|" * (len(datasets) + 1),
+    ]
     for row in summary["accuracy"]:
-        cells = [f"{row[d]:.3f} ({row[f'{d} ties']:.2f} ties)" if row[f"{d} ties"] else f"{row[d]:.3f}" for d in datasets]
+        cells = [
+            f"{row[d]:.3f} ({row[f'{d} ties']:.2f} ties)" if row[f"{d} ties"] else f"{row[d]:.3f}" for d in datasets
+        ]
         lines.append(f"| {row['model']} | {row['reward']} | " + " | ".join(cells) + f" | {row['accuracy']:.3f} |")
     pairs = ", ".join(f"{d}: {summary['accuracy'][0][f'{d} pairs']}" for d in datasets)
     lines += ["", f"pairs per dataset: {pairs}", "", "## stages", "", *headline_table(summary["stages"])]
@@ -102,23 +125,37 @@ def gem_markdown(summary: dict) -> str:
 def publish_gem(summary: dict) -> None:
     from prefect.artifacts import create_table_artifact
 
-    create_table_artifact(key="gem-preference-accuracy", table=[{k: v for k, v in row.items() if k != "uri"}
-                                                                for row in summary["accuracy"]],
-                          description="gem: preference accuracy per model, reward and dataset")
+    create_table_artifact(
+        key="gem-preference-accuracy",
+        table=[{k: v for k, v in row.items() if k != "uri"} for row in summary["accuracy"]],
+        description="gem: preference accuracy per model, reward and dataset",
+    )
     publish_markdown("gem-summary", gem_markdown(summary), "gem: artifacts and headline metrics")
 
 
 # -- genies-eval -----------------------------------------------------------------
 def genies_summary(store: ArtifactStore, report: ArtifactRef, report_dir: Path) -> dict:
-    return {"report": report.uri, "report_dir": str(report_dir),
-            "means": store.manifest(report.stage, report.key)["metrics"]}
+    return {
+        "report": report.uri,
+        "report_dir": str(report_dir),
+        "means": store.manifest(report.stage, report.key)["metrics"],
+    }
 
 
 def genies_markdown(summary: dict) -> str:
-    lines = ["# genies-eval summary", "", f"report: `{summary['report_dir']}` (artifact `{summary['report']}`)", "",
-             "| intervention | mean differential elicitation |", "|---|---|"]
-    lines += [f"| {name.removeprefix('mean_de_')} | {value} |" for name, value in summary["means"].items()
-              if name.startswith("mean_de_")]
+    lines = [
+        "# genies-eval summary",
+        "",
+        f"report: `{summary['report_dir']}` (artifact `{summary['report']}`)",
+        "",
+        "| intervention | mean differential elicitation |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {name.removeprefix('mean_de_')} | {value} |"
+        for name, value in summary["means"].items()
+        if name.startswith("mean_de_")
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -126,9 +163,12 @@ def publish_genies(summary: dict) -> None:
     """The means, links to the report files and the heatmap."""
     folder = Path(summary["report_dir"])
     files = ", ".join(artifact_link(str(folder / name), name) for name in ("report.md", "metrics.csv", "means.csv"))
-    markdown = (genies_markdown(summary) + f"\nartifact: {artifact_link(summary['report'])}; files: {files}\n\n"
-                "## differential elicitation per shift\n\n"
-                + inline_png((folder / "heatmap.png").read_bytes(), "heatmap: shift x intervention") + "\n")
+    markdown = (
+        genies_markdown(summary) + f"\nartifact: {artifact_link(summary['report'])}; files: {files}\n\n"
+        "## differential elicitation per shift\n\n"
+        + inline_png((folder / "heatmap.png").read_bytes(), "heatmap: shift x intervention")
+        + "\n"
+    )
     publish_markdown("genies-eval-summary", markdown, "genies-eval: means, report files and heatmap")
 
 
@@ -139,5 +179,8 @@ def pipeline_markdown(summary: dict) -> str:
 
 
 def publish_pipeline(summary: dict) -> None:
-    publish_markdown("pipeline-summary", pipeline_markdown(summary),
-                     "pipeline: the trained policy, its training artifacts and its GENIES means")
+    publish_markdown(
+        "pipeline-summary",
+        pipeline_markdown(summary),
+        "pipeline: the trained policy, its training artifacts and its GENIES means",
+    )

@@ -2,10 +2,11 @@
 
 Round k+1 samples from round k's model, which is also its reference model.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from prefect import flow
 
@@ -54,8 +55,9 @@ def run_rounds(config: SelfImproveConfig, steps: Steps) -> tuple[ArtifactRef, li
         pairs = steps.pairs(ctx, config.pairs, candidates=candidates, judgments=judgments)
         with_reference = steps.logprobs(ctx, config.logprobs, reference=policy, pairs=pairs)
         policy = steps.train_dpo(ctx, config.dpo, policy=policy, pairs=with_reference)
-        rounds.append({"sample": candidates, "judge": judgments, "pairs": pairs,
-                       "logprobs": with_reference, "train_dpo": policy})
+        rounds.append(
+            {"sample": candidates, "judge": judgments, "pairs": pairs, "logprobs": with_reference, "train_dpo": policy}
+        )
     return prompts, rounds
 
 

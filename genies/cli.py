@@ -1,4 +1,5 @@
 """`alignflow genies download | metrics`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,11 +40,13 @@ def _download(args) -> int:
 
 
 def _metrics(args) -> int:
-    rows = published_rows(Path(args.evaluations), Path(args.capabilities), load_shifts(args.shifts),
-                          args.intervention, args.model)
+    rows = published_rows(
+        Path(args.evaluations), Path(args.capabilities), load_shifts(args.shifts), args.intervention, args.model
+    )
     write_csv(Path(args.out), rows)
     overall = next(m for m in means(rows) if m["category"] == "all")
-    print(f"{args.out}: {len(rows)} shifts; mean differential elicitation {overall['differential_elicitation']:.4f}, "
-          f"mean generalization accuracy {overall['generalization_accuracy']:.4f}")
+    print(
+        f"{args.out}: {len(rows)} shifts; mean differential elicitation {overall['differential_elicitation']:.4f}, "
+        f"mean generalization accuracy {overall['generalization_accuracy']:.4f}"
+    )
     return 0
-

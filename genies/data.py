@@ -5,6 +5,7 @@ A release holds ``distributions/<name>/{train,test}.json``; each record is
 ``{"prompt": str, "responses": {text: 1.0 | 0.0}, ...}`` with exactly one
 preferred response. Only ``prompt`` and ``responses`` are used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,12 +101,16 @@ def expand_pairs(records: list[dict], seed: int, distribution: str, split: str) 
         for j, other in enumerate(others):
             pair_id = f"{distribution}/{split}/{index}/{j}"
             a_preferred = seeded_coin(seed, pair_id)
-            pairs.append({
-                "pair_id": pair_id, "record": index, "prompt": record["prompt"],
-                "response_a": preferred if a_preferred else other,
-                "response_b": other if a_preferred else preferred,
-                "preferred": 0 if a_preferred else 1,
-            })
+            pairs.append(
+                {
+                    "pair_id": pair_id,
+                    "record": index,
+                    "prompt": record["prompt"],
+                    "response_a": preferred if a_preferred else other,
+                    "response_b": other if a_preferred else preferred,
+                    "preferred": 0 if a_preferred else 1,
+                }
+            )
     return pairs
 
 
@@ -134,7 +139,9 @@ def capped(pairs: list[dict], max_pairs: int | None, seed: int, id_field: str = 
 def distribution_names(data_dir: Path) -> list[str]:
     root = Path(data_dir) / "distributions"
     if not root.is_dir():
-        raise GeniesDataError(f"{data_dir}: no distributions/ folder (run `alignflow genies download --dest {data_dir}`)")
+        raise GeniesDataError(
+            f"{data_dir}: no distributions/ folder (run `alignflow genies download --dest {data_dir}`)"
+        )
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
@@ -194,7 +201,9 @@ def _local_copy(source: str, staging: Path, storage_options: dict) -> Path:
         with fsspec.open(source, "rb", **storage_options) as remote, open(local, "wb") as out:
             shutil.copyfileobj(remote, out, length=1 << 22)
     except FileNotFoundError:
-        raise GeniesDataError(f"{source}: not found (expected a URL, a .tar/.tar.gz file or a release directory)") from None
+        raise GeniesDataError(
+            f"{source}: not found (expected a URL, a .tar/.tar.gz file or a release directory)"
+        ) from None
     return local
 
 

@@ -5,6 +5,7 @@ Per shift S -> T with reference R: A(S->T), IID accuracy A(S->S), baseline
 A0(T) (base model, zero-shot), ceiling C(R); differential elicitation
 (A - A0) / C and elicitation A / C.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,16 @@ from pathlib import Path
 from alignflow.genies.data import GeniesDataError, read_json
 from alignflow.genies.shifts import Shift
 
-PUBLISHED_COLUMNS = ["source", "target", "target_reference", "generalization_accuracy", "baseline_accuracy",
-                     "target_tuned_capability", "differential_elicitation", "source_ID_accuracy"]
+PUBLISHED_COLUMNS = [
+    "source",
+    "target",
+    "target_reference",
+    "generalization_accuracy",
+    "baseline_accuracy",
+    "target_tuned_capability",
+    "differential_elicitation",
+    "source_ID_accuracy",
+]
 EXTRA_COLUMNS = ["intervention", "model", "category", "label", "elicitation", "brier", "ece"]
 
 
@@ -52,27 +61,42 @@ def expected_calibration_error(p_preferred: list[float], bins: int = 10) -> floa
 
 
 def pair_metrics(p_preferred: list[float]) -> dict:
-    return {"accuracy": accuracy(p_preferred), "brier": brier(p_preferred),
-            "ece": expected_calibration_error(p_preferred), "pairs": len(p_preferred)}
+    return {
+        "accuracy": accuracy(p_preferred),
+        "brier": brier(p_preferred),
+        "ece": expected_calibration_error(p_preferred),
+        "pairs": len(p_preferred),
+    }
 
 
 # -- per shift -----------------------------------------------------------------
-def shift_row(shift: Shift, generalization: float, source_id: float, baseline: float, ceiling: float,
-              **extra) -> dict:
+def shift_row(shift: Shift, generalization: float, source_id: float, baseline: float, ceiling: float, **extra) -> dict:
     return {
-        "source": shift.source, "target": shift.target, "target_reference": shift.reference,
-        "generalization_accuracy": generalization, "baseline_accuracy": baseline,
+        "source": shift.source,
+        "target": shift.target,
+        "target_reference": shift.reference,
+        "generalization_accuracy": generalization,
+        "baseline_accuracy": baseline,
         "target_tuned_capability": ceiling,
         "differential_elicitation": (generalization - baseline) / ceiling if ceiling else math.nan,
         "source_ID_accuracy": source_id,
-        "category": shift.category, "label": shift.label,
+        "category": shift.category,
+        "label": shift.label,
         "elicitation": generalization / ceiling if ceiling else math.nan,
         **extra,
     }
 
 
-MEANED = ["generalization_accuracy", "baseline_accuracy", "target_tuned_capability", "differential_elicitation",
-          "elicitation", "source_ID_accuracy", "brier", "ece"]
+MEANED = [
+    "generalization_accuracy",
+    "baseline_accuracy",
+    "target_tuned_capability",
+    "differential_elicitation",
+    "elicitation",
+    "source_ID_accuracy",
+    "brier",
+    "ece",
+]
 
 
 def means(rows: list[dict], by: str = "category") -> list[dict]:
@@ -106,23 +130,37 @@ def read_number(path: Path, field: str) -> float:
     data = read_json(path, f"result file not found (expected JSON with '{field}')")
     value = data.get(field) if isinstance(data, dict) else None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise GeniesDataError(f"{path}: no numeric '{field}' (found keys: {sorted(data) if isinstance(data, dict) else []})")
+        raise GeniesDataError(
+            f"{path}: no numeric '{field}' (found keys: {sorted(data) if isinstance(data, dict) else []})"
+        )
     return float(value)
 
 
-def published_rows(evaluations: Path, capabilities: Path, shifts: tuple[Shift, ...], intervention: str,
-                   model: str) -> list[dict]:
+def published_rows(
+    evaluations: Path, capabilities: Path, shifts: tuple[Shift, ...], intervention: str, model: str
+) -> list[dict]:
     """The metrics table of one intervention from results in the published layout."""
     rows = []
     for shift in shifts:
-        rows.append(shift_row(
-            shift,
-            generalization=read_number(evaluation_path(evaluations, intervention, model, shift.source, shift.target), "eval_accuracy"),
-            source_id=read_number(evaluation_path(evaluations, intervention, model, shift.source, shift.source), "eval_accuracy"),
-            baseline=read_number(evaluation_path(evaluations, "zero_shot", model, None, shift.target), "eval_accuracy"),
-            ceiling=read_number(capability_path(capabilities, model, shift.reference), "best_intervention_accuracy"),
-            intervention=intervention, model=model,
-        ))
+        rows.append(
+            shift_row(
+                shift,
+                generalization=read_number(
+                    evaluation_path(evaluations, intervention, model, shift.source, shift.target), "eval_accuracy"
+                ),
+                source_id=read_number(
+                    evaluation_path(evaluations, intervention, model, shift.source, shift.source), "eval_accuracy"
+                ),
+                baseline=read_number(
+                    evaluation_path(evaluations, "zero_shot", model, None, shift.target), "eval_accuracy"
+                ),
+                ceiling=read_number(
+                    capability_path(capabilities, model, shift.reference), "best_intervention_accuracy"
+                ),
+                intervention=intervention,
+                model=model,
+            )
+        )
     return rows
 
 

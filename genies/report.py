@@ -1,6 +1,7 @@
 """The GENIES report stage: evaluation accuracies -> per-shift metrics for every
 intervention, the published results layout, CSV + Parquet tables, a heatmap of
 differential elicitation, a bar chart of means and a markdown report."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def read_results(store: ArtifactStore, evaluations: dict[str, ArtifactRef]) -> d
     results = {}
     for name, ref in evaluations.items():
         intervention, source, target = name.split("__")
-        results[(intervention, None if source == "-" else source, target)] = store.manifest(ref.stage, ref.key)["metrics"]
+        results[(intervention, None if source == "-" else source, target)] = store.manifest(ref.stage, ref.key)[
+            "metrics"
+        ]
     return results
 
 
@@ -65,13 +68,19 @@ class Table:
         for intervention in self.spec.interventions:
             for shift in self.spec.shifts:
                 evaluation = self.result(intervention, shift.source, shift.target)
-                out.append(shift_row(
-                    shift, generalization=evaluation["accuracy"],
-                    source_id=self.accuracy(intervention, shift.source, shift.source),
-                    baseline=self.baseline(shift.target), ceiling=self.ceiling(shift.reference)[0],
-                    intervention=intervention, model=self.spec.model,
-                    brier=evaluation.get("brier", math.nan), ece=evaluation.get("ece", math.nan),
-                ))
+                out.append(
+                    shift_row(
+                        shift,
+                        generalization=evaluation["accuracy"],
+                        source_id=self.accuracy(intervention, shift.source, shift.source),
+                        baseline=self.baseline(shift.target),
+                        ceiling=self.ceiling(shift.reference)[0],
+                        intervention=intervention,
+                        model=self.spec.model,
+                        brier=evaluation.get("brier", math.nan),
+                        ece=evaluation.get("ece", math.nan),
+                    )
+                )
         return out
 
 
@@ -80,14 +89,19 @@ def write_published_layout(folder: Path, table: Table) -> None:
     model = table.spec.model
     sources = {s.source for s in table.spec.shifts}
     for (intervention, source, target), metrics in table.results.items():
-        result = {"eval_accuracy": metrics["accuracy"], **{k: metrics[k] for k in ("brier", "ece", "pairs") if k in metrics}}
+        result = {
+            "eval_accuracy": metrics["accuracy"],
+            **{k: metrics[k] for k in ("brier", "ece", "pairs") if k in metrics},
+        }
         # untrained results also under each source, as published: any intervention reads as <model>-<source>/
         for trained_on in [source] if source else [None, *sorted(sources)]:
             write_json(evaluation_path(folder / "evaluations", intervention, model, trained_on, target), result)
     for reference in {s.reference for s in table.spec.shifts}:
         accuracy, best = table.ceiling(reference)
-        write_json(capability_path(folder / "target_tuned_capability", model, reference),
-                   {"best_intervention_accuracy": accuracy, "intervention": best})
+        write_json(
+            capability_path(folder / "target_tuned_capability", model, reference),
+            {"best_intervention_accuracy": accuracy, "intervention": best},
+        )
 
 
 def heatmap(path: Path, rows: list[dict], interventions: list[str]) -> None:
@@ -99,7 +113,9 @@ def heatmap(path: Path, rows: list[dict], interventions: list[str]) -> None:
     shifts = list(dict.fromkeys(f"{r['source']} -> {r['target']}" for r in rows))
     grid = [[math.nan] * len(interventions) for _ in shifts]
     for r in rows:
-        grid[shifts.index(f"{r['source']} -> {r['target']}")][interventions.index(r["intervention"])] = r["differential_elicitation"]
+        grid[shifts.index(f"{r['source']} -> {r['target']}")][interventions.index(r["intervention"])] = r[
+            "differential_elicitation"
+        ]
     fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(interventions), 1.0 + 0.38 * len(shifts)))
     image = ax.imshow(grid, cmap="RdBu", vmin=-0.5, vmax=0.5, aspect="auto")
     ax.set_xticks(range(len(interventions)), interventions, rotation=30, ha="right")
@@ -125,8 +141,12 @@ def mean_bars(path: Path, summary: list[dict], interventions: list[str]) -> None
     fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(categories), 4.0))
     for j, name in enumerate(interventions):
         values = {m["category"]: m["differential_elicitation"] for m in summary if m["intervention"] == name}
-        ax.bar([i + j * width for i in range(len(categories))], [values.get(c, math.nan) for c in categories],
-               width, label=name)
+        ax.bar(
+            [i + j * width for i in range(len(categories))],
+            [values.get(c, math.nan) for c in categories],
+            width,
+            label=name,
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, rotation=30, ha="right")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel("mean differential elicitation")
@@ -138,17 +158,30 @@ def mean_bars(path: Path, summary: list[dict], interventions: list[str]) -> None
 
 def markdown(spec: ReportSpec, rows: list[dict], summary: list[dict]) -> str:
     overall = [m for m in summary if m["category"] == "all"]
-    lines = [f"# GENIES report: {spec.model}", "", f"Ceiling: {spec.ceiling}. Shifts: {len(spec.shifts)}.", "",
-             "| intervention | mean DE | mean elicitation | mean A(S->T) | mean IID | mean Brier | mean ECE |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GENIES report: {spec.model}",
+        "",
+        f"Ceiling: {spec.ceiling}. Shifts: {len(spec.shifts)}.",
+        "",
+        "| intervention | mean DE | mean elicitation | mean A(S->T) | mean IID | mean Brier | mean ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in overall:
-        lines.append(f"| {m['intervention']} | {_f(m['differential_elicitation'])} | {_f(m['elicitation'])} | "
-                     f"{_f(m['generalization_accuracy'])} | {_f(m['source_ID_accuracy'])} | {_f(m['brier'])} | {_f(m['ece'])} |")
-    lines += ["", "| intervention | shift | category | A(S->T) | A0(T) | C(R) | DE | IID |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {m['intervention']} | {_f(m['differential_elicitation'])} | {_f(m['elicitation'])} | "
+            f"{_f(m['generalization_accuracy'])} | {_f(m['source_ID_accuracy'])} | {_f(m['brier'])} | {_f(m['ece'])} |"
+        )
+    lines += [
+        "",
+        "| intervention | shift | category | A(S->T) | A0(T) | C(R) | DE | IID |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['intervention']} | {r['source']} -> {r['target']} | {r['category']} | "
-                     f"{_f(r['generalization_accuracy'])} | {_f(r['baseline_accuracy'])} | {_f(r['target_tuned_capability'])} | "
-                     f"{_f(r['differential_elicitation'])} | {_f(r['source_ID_accuracy'])} |")
+        lines.append(
+            f"| {r['intervention']} | {r['source']} -> {r['target']} | {r['category']} | "
+            f"{_f(r['generalization_accuracy'])} | {_f(r['baseline_accuracy'])} | {_f(r['target_tuned_capability'])} | "
+            f"{_f(r['differential_elicitation'])} | {_f(r['source_ID_accuracy'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -171,8 +204,11 @@ def compute_report(ctx: RunContext, spec: ReportSpec, key: str, **evaluations: A
     mean_bars(folder / "means.png", summary, names)
     (folder / "report.md").write_text(markdown(spec, rows, summary))
     publish(spec, rows, summary, folder)
-    overall = {f"mean_de_{m['intervention']}": round(m["differential_elicitation"], 4)
-               for m in summary if m["category"] == "all"}
+    overall = {
+        f"mean_de_{m['intervention']}": round(m["differential_elicitation"], 4)
+        for m in summary
+        if m["category"] == "all"
+    }
     return StageOutput(tables=[pa.Table.from_pylist(rows)], dirs={"report": folder}, metrics=overall, scratch=scratch)
 
 
@@ -186,17 +222,29 @@ def publish(spec: ReportSpec, rows: list[dict], summary: list[dict], folder: Pat
 
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()} for m in summary]
     create_table_artifact(key="genies-means", table=clean, description="GENIES means per intervention and category")
-    create_markdown_artifact(key="genies-report", markdown=(folder / "report.md").read_text(),
-                             description=f"GENIES report for {spec.model}")
+    create_markdown_artifact(
+        key="genies-report", markdown=(folder / "report.md").read_text(), description=f"GENIES report for {spec.model}"
+    )
 
 
-SHIFT_ROWS = pa.schema([
-    ("source", pa.string()), ("target", pa.string()), ("target_reference", pa.string()),
-    ("generalization_accuracy", pa.float64()), ("baseline_accuracy", pa.float64()),
-    ("target_tuned_capability", pa.float64()), ("differential_elicitation", pa.float64()),
-    ("source_ID_accuracy", pa.float64()), ("category", pa.string()), ("label", pa.string()),
-    ("elicitation", pa.float64()), ("intervention", pa.string()), ("model", pa.string()),
-    ("brier", pa.float64()), ("ece", pa.float64()),
-])
+SHIFT_ROWS = pa.schema(
+    [
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("target_reference", pa.string()),
+        ("generalization_accuracy", pa.float64()),
+        ("baseline_accuracy", pa.float64()),
+        ("target_tuned_capability", pa.float64()),
+        ("differential_elicitation", pa.float64()),
+        ("source_ID_accuracy", pa.float64()),
+        ("category", pa.string()),
+        ("label", pa.string()),
+        ("elicitation", pa.float64()),
+        ("intervention", pa.string()),
+        ("model", pa.string()),
+        ("brier", pa.float64()),
+        ("ece", pa.float64()),
+    ]
+)
 GENIES_REPORT = Stage("genies_report", compute_report, __name__, schema=SHIFT_ROWS)
 genies_report_task = stage_task(GENIES_REPORT)

@@ -4,6 +4,7 @@ Prompts are Alpaca-formatted and end with ``### Response:\\n``; the response
 follows with no separator and ends with EOS. Each distinct (prompt, response)
 is encoded and scored once, however many pairs share it.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def encode_pairs(tokenizer, pairs: list[dict], max_tokens: int, bos: bool = True
             if key not in seen:
                 if pair["prompt"] not in encoded_prompts:
                     encoded_prompts[pair["prompt"]] = _ids(tokenizer, pair["prompt"], special=bos)
-                prompt_ids, response_ids = _fit(encoded_prompts[pair["prompt"]], _response_ids(tokenizer, response, max_tokens), max_tokens)
+                prompt_ids, response_ids = _fit(
+                    encoded_prompts[pair["prompt"]], _response_ids(tokenizer, response, max_tokens), max_tokens
+                )
                 seen[key] = len(prompts)
                 prompts.append(prompt_ids)
                 responses.append(response_ids)
@@ -88,4 +91,5 @@ def per_pair_progress(progress, sequences: int, pairs: int):
         reached = done[0] * pairs // max(sequences, 1)
         progress(reached - done[1])
         done[1] = reached
+
     return advance

@@ -1,5 +1,6 @@
 """The shift registry: the 15 GENIES benchmark shifts, or any shift spec JSON
 (a list of ``{source, target, target_reference?, label?, category?}``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

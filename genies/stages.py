@@ -5,6 +5,7 @@ Each is a cached, retryable Prefect task like every other stage; the artifact
 key covers the data file's hash, the intervention's config and code, and (for
 external scripts) the scripts' own source.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from alignflow.genies.metrics import pair_metrics
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
 
+
 # -- pairs ---------------------------------------------------------------------
 class PairsSpec(Strict):
     distribution: str
@@ -34,16 +36,24 @@ class PairsSpec(Strict):
 
 def pairs_spec(data_dir: Path, distribution: str, split: str, max_pairs: int | None, seed: int) -> PairsSpec:
     path = Path(data_dir) / "distributions" / distribution / f"{split}.json"
-    return PairsSpec(distribution=distribution, split=split, path=str(path),
-                     sha256=hashlib.sha256(path.read_bytes()).hexdigest(), max_pairs=max_pairs, seed=seed)
+    return PairsSpec(
+        distribution=distribution,
+        split=split,
+        path=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        max_pairs=max_pairs,
+        seed=seed,
+    )
 
 
 def compute_pairs(ctx: RunContext, spec: PairsSpec, key: str) -> StageOutput:
     records = read_split(Path(spec.path).parent, spec.split)
     pairs = capped(expand_pairs(records, spec.seed, spec.distribution, spec.split), spec.max_pairs, spec.seed)
     share_a = sum(p["preferred"] == 0 for p in pairs) / len(pairs)
-    return StageOutput(tables=[pa.Table.from_pylist(pairs)],
-                       metrics={"records": len(records), "rows_out": len(pairs), "preferred_in_a": round(share_a, 3)})
+    return StageOutput(
+        tables=[pa.Table.from_pylist(pairs)],
+        metrics={"records": len(records), "rows_out": len(pairs), "preferred_in_a": round(share_a, 3)},
+    )
 
 
 # -- interventions -------------------------------------------------------------
@@ -64,14 +74,19 @@ def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
         raise ValueError(f"interventions: names may not contain '__' or '/': {bad_names}")
     unknown = [n for n in config.interventions if n not in BUILTIN and n not in config.external]
     if unknown:
-        raise ValueError(f"interventions: unknown {unknown}; built in: {', '.join(BUILTIN)}; "
-                         f"external (from 'external'): {', '.join(config.external) or 'none'}")
+        raise ValueError(
+            f"interventions: unknown {unknown}; built in: {', '.join(BUILTIN)}; "
+            f"external (from 'external'): {', '.join(config.external) or 'none'}"
+        )
     specs = []
     for name in dict.fromkeys(["zero_shot", *config.interventions]):
         if name in config.external:
             folder = Path(config.external[name]).expanduser().resolve()
-            specs.append(InterventionSpec(name=name, scoring=config.scoring, script_dir=str(folder),
-                                          script_sha256=_scripts_hash(folder)))
+            specs.append(
+                InterventionSpec(
+                    name=name, scoring=config.scoring, script_dir=str(folder), script_sha256=_scripts_hash(folder)
+                )
+            )
         else:
             params = config.section_params(name)
             specs.append(InterventionSpec(name=name, params=params, scoring=config.scoring))
@@ -97,8 +112,14 @@ def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: Arti
     return StageOutput(tables=[table], dirs={"state": out / "state"}, metrics=metrics, scratch=out)
 
 
-def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef,
-                     state: ArtifactRef | None = None):
+def compute_evaluate(
+    ctx: RunContext,
+    spec: InterventionSpec,
+    key: str,
+    model: ArtifactRef,
+    pairs: ArtifactRef,
+    state: ArtifactRef | None = None,
+):
     rows = ctx.store().read_rows(pairs)
     intervention = make_intervention(spec, checkpoints=(ctx, key))
     state_dir = ctx.store().local_dir(state, "state", Path(ctx.model_cache) / "artifacts") if state else None
@@ -112,14 +133,17 @@ def compute_evaluate(ctx: RunContext, spec: InterventionSpec, key: str, model: A
 def score_table(rows: list[dict], scores) -> tuple[pa.Table, dict]:
     """Per-pair P(preferred); an accuracy-only result has none (nulls)."""
     if scores.p_a is None:
-        table = pa.Table.from_pylist([{"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": None,
-                                       "p_preferred": None} for r in rows])
+        table = pa.Table.from_pylist(
+            [{"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": None, "p_preferred": None} for r in rows]
+        )
         return table, {"accuracy": scores.accuracy, "pairs": len(rows)}
     p_preferred = [p if r["preferred"] == 0 else 1.0 - p for r, p in zip(rows, scores.p_a)]
-    table = pa.Table.from_pylist([
-        {"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": p, "p_preferred": q}
-        for r, p, q in zip(rows, scores.p_a, p_preferred)
-    ])
+    table = pa.Table.from_pylist(
+        [
+            {"pair_id": r["pair_id"], "preferred": r["preferred"], "p_a": p, "p_preferred": q}
+            for r, p, q in zip(rows, scores.p_a, p_preferred)
+        ]
+    )
     return table, pair_metrics(p_preferred)
 
 
@@ -129,17 +153,27 @@ def intervention_modules(spec: InterventionSpec) -> tuple[str, ...]:
     return (type(make_intervention(spec)).__module__,)
 
 
-GENIES_PAIR_ROWS = pa.schema([("pair_id", pa.string()), ("record", pa.int64()), ("prompt", pa.string()),
-                              ("response_a", pa.string()), ("response_b", pa.string()), ("preferred", pa.int64())])
+GENIES_PAIR_ROWS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("record", pa.int64()),
+        ("prompt", pa.string()),
+        ("response_a", pa.string()),
+        ("response_b", pa.string()),
+        ("preferred", pa.int64()),
+    ]
+)
 TRAIN_METRIC_ROWS = pa.schema([("metric", pa.string()), ("value", pa.float64())])
-EVALUATION_ROWS = pa.schema([("pair_id", pa.string()), ("preferred", pa.int64()), ("p_a", pa.float64()),
-                             ("p_preferred", pa.float64())])
+EVALUATION_ROWS = pa.schema(
+    [("pair_id", pa.string()), ("preferred", pa.int64()), ("p_a", pa.float64()), ("p_preferred", pa.float64())]
+)
 GENIES_PAIRS = Stage("genies_pairs", compute_pairs, __name__, schema=GENIES_PAIR_ROWS)
-GENIES_TRAIN = Stage("genies_train", compute_train, __name__, config_modules=intervention_modules,
-                     schema=TRAIN_METRIC_ROWS)
-GENIES_EVALUATE = Stage("genies_evaluate", compute_evaluate, __name__, config_modules=intervention_modules,
-                        schema=EVALUATION_ROWS)
+GENIES_TRAIN = Stage(
+    "genies_train", compute_train, __name__, config_modules=intervention_modules, schema=TRAIN_METRIC_ROWS
+)
+GENIES_EVALUATE = Stage(
+    "genies_evaluate", compute_evaluate, __name__, config_modules=intervention_modules, schema=EVALUATION_ROWS
+)
 genies_pairs_task = stage_task(GENIES_PAIRS)
 genies_train_task = stage_task(GENIES_TRAIN)
 genies_evaluate_task = stage_task(GENIES_EVALUATE)
-

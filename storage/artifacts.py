@@ -18,6 +18,7 @@ On object stores (s3://) there is no rename and none is needed: an object PUT
 manifest's single PUT is the commit. Files are never overwritten or deleted,
 so a manifest's files stay readable after another writer's manifest replaces it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,8 +28,9 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -156,8 +158,10 @@ class ArtifactStore:
 
     def read_shards(self, stage: str, key: str, receipts: list[dict]) -> pa.Table:
         """The rows of written, not yet committed shards, checked against their receipts."""
-        tables = [pq.read_table(io.BytesIO(self._read_checked(stage, key, r["part"], r["sha256"], "shard receipt")))
-                  for r in receipts]
+        tables = [
+            pq.read_table(io.BytesIO(self._read_checked(stage, key, r["part"], r["sha256"], "shard receipt")))
+            for r in receipts
+        ]
         return _concat(tables)
 
     def local_dir(self, ref: ArtifactRef, subdir: str, cache_root: str | Path) -> Path:
@@ -223,18 +227,23 @@ class ArtifactStore:
             "config": config or {},
             "code_version": code_version,
             "metrics": metrics or {},
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
         self._write_manifest(stage, key, manifest)
         return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), content_hash=manifest["content_hash"])
 
     def _write_part(self, stage: str, key: str, index: int, table: pa.Table, writer: str) -> dict:
         name = f"part-{index:05d}-{writer}.parquet"
-        return {"part": name, "sha256": self._write_bytes(stage, key, name, _parquet_bytes(table)),
-                "rows": table.num_rows, "schema": table.schema.to_string() if table.num_columns else None}
+        return {
+            "part": name,
+            "sha256": self._write_bytes(stage, key, name, _parquet_bytes(table)),
+            "rows": table.num_rows,
+            "schema": table.schema.to_string() if table.num_columns else None,
+        }
 
-    def write_shard(self, stage: str, key: str, index: int, table: pa.Table, schema: pa.Schema | None = None,
-                    **info) -> dict:
+    def write_shard(
+        self, stage: str, key: str, index: int, table: pa.Table, schema: pa.Schema | None = None, **info
+    ) -> dict:
         """Write shard ``index``'s part file, in the stage's declared ``schema``, and its receipt
         (``info`` rides along: who computed it, how long it took); the artifact stays uncommitted."""
         if schema is not None:
@@ -255,8 +264,15 @@ class ArtifactStore:
             if self.is_committed(stage, key):
                 continue
             receipts = self.shard_receipts(stage, key).values()
-            out.append({"stage": stage, "key": key, **json.loads(self.read_bytes(path)),
-                        "shards_done": len(receipts), "work_done": sum(r["work"] for r in receipts)})
+            out.append(
+                {
+                    "stage": stage,
+                    "key": key,
+                    **json.loads(self.read_bytes(path)),
+                    "shards_done": len(receipts),
+                    "work_done": sum(r["work"] for r in receipts),
+                }
+            )
         return out
 
     def shard_receipts(self, stage: str, key: str) -> dict[int, dict]:
@@ -340,8 +356,10 @@ def conform(table: pa.Table, schema: pa.Schema, stage: str) -> pa.Table:
     extra = [name for name in table.column_names if name not in schema.names]
     if extra:
         found = table.schema.field(extra[0]).type
-        raise ArtifactError(f"{stage}: output column '{extra[0]}' ({found}) is not in the stage's declared schema "
-                            f"(expected columns: {', '.join(schema.names)})")
+        raise ArtifactError(
+            f"{stage}: output column '{extra[0]}' ({found}) is not in the stage's declared schema "
+            f"(expected columns: {', '.join(schema.names)})"
+        )
     columns = []
     for field in schema:
         if field.name not in table.column_names:

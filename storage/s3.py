@@ -7,6 +7,7 @@ from a saved Prefect Secret block named by ``credentials_block`` (JSON
 ``{"key": ..., "secret": ...}``, optionally ``"token"``), else from botocore's
 own chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,18 @@ BLOCK_OPTION = "credentials_block"
 S3_PROTOCOLS = ("s3", "s3a")
 # fsspec/s3fs/botocore options that hold a credential: in a config they would be
 # recorded with the flow run's parameters.
-SECRET_OPTIONS = frozenset({
-    "key", "secret", "token", "password", "username",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-})
+SECRET_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "username",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
 
 
 class StorageConfigError(ValueError):
@@ -77,8 +86,9 @@ def s3_options(root: str, options: dict) -> dict:
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
         # SigV4 needs a region; servers other than AWS accept any
-        client_kwargs.setdefault("region_name", os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                                 or "us-east-1")
+        client_kwargs.setdefault(
+            "region_name", os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
     out["client_kwargs"] = client_kwargs
     # Listings cached in one process hide manifests another process committed since.
     out.setdefault("use_listings_cache", False)
@@ -110,7 +120,7 @@ def block_credentials(name: str) -> dict:
     if not isinstance(value, dict) or not {"key", "secret"} <= set(value):
         held = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise StorageConfigError(
-            f"storage.{BLOCK_OPTION} '{name}': expected a Secret holding JSON {{\"key\": ..., \"secret\": ...}}, "
+            f'storage.{BLOCK_OPTION} \'{name}\': expected a Secret holding JSON {{"key": ..., "secret": ...}}, '
             f"found {held}"
         )
     return {k: value[k] for k in ("key", "secret", "token") if value.get(k)}

@@ -5,6 +5,7 @@ when the weights do.
 A built-in model's reference carries its name, not the folder it was converted
 into, and is resolved to that folder where it is loaded (``RunContext.model_dir``);
 ``model_name`` is how artifacts name a model on any machine."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -13,6 +13,7 @@ root of its own, so editing one plugin re-runs only the stages that use it.
 Imports the parser cannot see (``importlib.import_module`` of a computed name)
 are not followed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,16 +21,18 @@ import functools
 import hashlib
 import importlib.metadata
 import sys
+from collections.abc import Callable
 from importlib.machinery import ModuleSpec
 from pathlib import Path
-from typing import Callable
 
 MODEL_LOADER = "alignflow.workers.models"
 MODEL_LIBRARIES = ("torch", "transformers", "peft", "vllm", "deepspeed")
-LEAVES = frozenset({
-    "alignflow.tasks.stage",  # commit, cache and shard plumbing: it moves rows, it does not make them
-    "alignflow.genies.interventions",  # the registry: imports every intervention
-})
+LEAVES = frozenset(
+    {
+        "alignflow.tasks.stage",  # commit, cache and shard plumbing: it moves rows, it does not make them
+        "alignflow.genies.interventions",  # the registry: imports every intervention
+    }
+)
 
 
 def installed_version(distribution: str) -> str:
@@ -44,9 +47,13 @@ class CodeGraph:
     ``read_source`` and ``library_version`` are injectable so a test can edit a
     module or bump a library without touching the installation."""
 
-    def __init__(self, project: str = "alignflow", leaves: frozenset[str] = LEAVES,
-                 read_source: Callable[[Path], str] = Path.read_text,
-                 library_version: Callable[[str], str] = installed_version):
+    def __init__(
+        self,
+        project: str = "alignflow",
+        leaves: frozenset[str] = LEAVES,
+        read_source: Callable[[Path], str] = Path.read_text,
+        library_version: Callable[[str], str] = installed_version,
+    ):
         self.project = project
         self.leaves = leaves
         self.read_source = read_source
@@ -175,8 +182,9 @@ def _runtime_nodes(node: ast.AST):
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _absolute(module: str | None, level: int, package: str) -> str:

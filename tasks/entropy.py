@@ -10,6 +10,7 @@ never exists here (each candidate keeps only its own generated tokens).
 A confident answer (low H_final) after exploratory reasoning (high entropy at
 its forks) scores high.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,12 +84,18 @@ def content_tokens(candidate: dict) -> tuple[list[int], list[float]]:
 
 def score_candidate(tokenizer, candidate: dict, config: EntropyConfig) -> dict:
     ids, entropies = content_tokens(candidate)
-    spans = split_spans(entropies, token_offsets(tokenizer, ids), candidate["response"], config.marker, config.final_window)
+    spans = split_spans(
+        entropies, token_offsets(tokenizer, ids), candidate["response"], config.marker, config.final_window
+    )
     return {
-        "prompt_id": candidate["prompt_id"], "candidate": candidate["candidate"],
+        "prompt_id": candidate["prompt_id"],
+        "candidate": candidate["candidate"],
         "score": eq1_score(spans, config.lambda_fork, config.top_m),
-        "final_entropy": final_entropy(spans), "fork_entropy": fork_entropy(spans, config.top_m),
-        "marker_found": spans.marker_found, "reasoning_tokens": len(spans.reasoning), "final_tokens": len(spans.final),
+        "final_entropy": final_entropy(spans),
+        "fork_entropy": fork_entropy(spans, config.top_m),
+        "marker_found": spans.marker_found,
+        "reasoning_tokens": len(spans.reasoning),
+        "final_tokens": len(spans.final),
     }
 
 
@@ -116,7 +123,8 @@ def compute_entropy(ctx: RunContext, config: EntropyConfig, key: str, policy: Ar
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir(policy))
     rows = rank_and_trim([score_candidate(tokenizer, c, config) for c in ctx.store().read_rows(candidates)], config)
     metrics = {
-        "rows_out": len(rows), "marker_share": round(sum(r["marker_found"] for r in rows) / len(rows), 3),
+        "rows_out": len(rows),
+        "marker_share": round(sum(r["marker_found"] for r in rows) / len(rows), 3),
         "mean_score": round(statistics.fmean(r["score"] for r in rows), 4),
         "mean_final_entropy": round(statistics.fmean(r["final_entropy"] for r in rows), 4),
         "mean_fork_entropy": round(statistics.fmean(r["fork_entropy"] for r in rows), 4),
@@ -129,17 +137,29 @@ def top_vs_bottom_pairs(candidates: list[dict], scores: list[dict]) -> list[dict
     """Per prompt, the best kept candidate as chosen and the worst kept one as rejected (distinct texts only)."""
     by_key = {(c["prompt_id"], c["candidate"]): c for c in candidates}
     pairs = []
-    for prompt_id, group in groupby(sorted((s for s in scores if s["kept"]), key=lambda s: (s["prompt_id"], s["rank"])),
-                                    key=lambda s: s["prompt_id"]):
+    for prompt_id, group in groupby(
+        sorted((s for s in scores if s["kept"]), key=lambda s: (s["prompt_id"], s["rank"])),
+        key=lambda s: s["prompt_id"],
+    ):
         ranked = list(group)
         best, worst = by_key[(prompt_id, ranked[0]["candidate"])], by_key[(prompt_id, ranked[-1]["candidate"])]
         if len(ranked) > 1 and best["response"] != worst["response"]:
-            pairs.append({"id": prompt_id, "prompt_id": prompt_id, "prompt": best["prompt"], "chosen": best["response"],
-                          "rejected": worst["response"], "margin": ranked[0]["score"] - ranked[-1]["score"]})
+            pairs.append(
+                {
+                    "id": prompt_id,
+                    "prompt_id": prompt_id,
+                    "prompt": best["prompt"],
+                    "chosen": best["response"],
+                    "rejected": worst["response"],
+                    "margin": ranked[0]["score"] - ranked[-1]["score"],
+                }
+            )
     return pairs
 
 
-def compute_entropy_pairs(ctx: RunContext, config: EntropyConfig, key: str, candidates: ArtifactRef, scores: ArtifactRef):
+def compute_entropy_pairs(
+    ctx: RunContext, config: EntropyConfig, key: str, candidates: ArtifactRef, scores: ArtifactRef
+):
     store = ctx.store()
     pairs = top_vs_bottom_pairs(store.read_rows(candidates), store.read_rows(scores))
     if not pairs:
@@ -147,13 +167,30 @@ def compute_entropy_pairs(ctx: RunContext, config: EntropyConfig, key: str, cand
     return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics={"rows_out": len(pairs)})
 
 
-SCORE_ROWS = pa.schema([
-    ("prompt_id", pa.string()), ("candidate", pa.int64()), ("score", pa.float64()), ("final_entropy", pa.float64()),
-    ("fork_entropy", pa.float64()), ("marker_found", pa.bool_()), ("reasoning_tokens", pa.int64()),
-    ("final_tokens", pa.int64()), ("rank", pa.int64()), ("kept", pa.bool_()),
-])
-ENTROPY_PAIR_ROWS = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
-                               ("chosen", pa.string()), ("rejected", pa.string()), ("margin", pa.float64())])
+SCORE_ROWS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("candidate", pa.int64()),
+        ("score", pa.float64()),
+        ("final_entropy", pa.float64()),
+        ("fork_entropy", pa.float64()),
+        ("marker_found", pa.bool_()),
+        ("reasoning_tokens", pa.int64()),
+        ("final_tokens", pa.int64()),
+        ("rank", pa.int64()),
+        ("kept", pa.bool_()),
+    ]
+)
+ENTROPY_PAIR_ROWS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("margin", pa.float64()),
+    ]
+)
 ENTROPY = Stage("entropy", compute_entropy, __name__, schema=SCORE_ROWS)
 ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, __name__, schema=ENTROPY_PAIR_ROWS)
 entropy_task = stage_task(ENTROPY)

@@ -5,6 +5,7 @@ log-probs of "a" and "b" among the top-k give p(a) = e^la / (e^la + e^lb). Only
 the judge's own generated tokens are parsed, so text inside a candidate (say
 "Output (b)") can never decide a verdict.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from collections import Counter
 import pyarrow as pa
 
 from alignflow.config import JudgeConfig
-from alignflow.tasks.pairs import group_by_prompt, unique_candidates
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.pairs import group_by_prompt, unique_candidates
 from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
 from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
 from alignflow.workers.backend import GenerationParams, regroup, shared_backend
@@ -39,14 +40,14 @@ _MATCH_RULES = (
 )
 _ANSWER = 'Answer with exactly "Output (a)" or "Output (b)" and nothing else.'
 
+_INSTRUCTION = "\n# Instruction:\n{instruction}\n\n"
+_REFERENCE = "# Reference Output:\n{reference}\n\n"
+_OUTPUTS = "# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n" + _ANSWER
+
 TEMPLATES = {
-    "base": _RULES + "\n# Instruction:\n{instruction}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n" + _ANSWER,
-    "refeval": _RULES + _REFERENCE_RULES
-    + "\n# Instruction:\n{instruction}\n\n# Reference Output:\n{reference}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n"
-    + _ANSWER,
-    "refmatch": _MATCH_RULES
-    + "\n# Instruction:\n{instruction}\n\n# Reference Output:\n{reference}\n\n# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n"
-    + _ANSWER,
+    "base": _RULES + _INSTRUCTION + _OUTPUTS,
+    "refeval": _RULES + _REFERENCE_RULES + _INSTRUCTION + _REFERENCE + _OUTPUTS,
+    "refmatch": _MATCH_RULES + _INSTRUCTION + _REFERENCE + _OUTPUTS,
 }
 _LABEL_CONTEXT = re.compile(r"output\s*\(\s*$", re.IGNORECASE)
 
@@ -95,8 +96,9 @@ def ordered_pairs(candidates: list[dict]) -> list[tuple[dict, dict]]:
     return [(a, b) for a in candidates for b in candidates if a["candidate"] != b["candidate"]]
 
 
-def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=None,
-                     reuse_prefix: bool = True) -> tuple[list[dict], dict]:
+def judge_candidates(
+    backend, rows: list[dict], config: JudgeConfig, progress=None, reuse_prefix: bool = True
+) -> tuple[list[dict], dict]:
     """Every ordered comparison of each prompt's candidates. ``reuse_prefix=False`` runs each
     comparison's whole prompt (bench/bench_judge.py measures the two ways side by side)."""
     tok = backend.tokenizer
@@ -111,24 +113,32 @@ def judge_candidates(backend, rows: list[dict], config: JudgeConfig, progress=No
         truncated.append(cut)
     started = time.perf_counter()
     if prefix_ids and reuse_prefix:  # the label is the first generated token: one forward pass after a shared prefix
-        outputs = [c for group in backend.next_token(regroup(prompts, map(len, groups)), config.top_logprobs, progress)
-                   for c in group]
+        outputs = [
+            c
+            for group in backend.next_token(regroup(prompts, map(len, groups)), config.top_logprobs, progress)
+            for c in group
+        ]
     else:
-        params = GenerationParams(temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens,
-                                  top_logprobs=config.top_logprobs)
+        params = GenerationParams(
+            temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
+        )
         outputs = [c[0] for c in backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)]
     seconds = time.perf_counter() - started
-    out = [_judgment(a, b, c, tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
-           for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)]
+    out = [
+        _judgment(a, b, c, tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
+        for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)
+    ]
     return out, judge_metrics(out, seconds)
 
 
 def judge_metrics(out: list[dict], seconds: float) -> dict:
     prompt_tokens = sum(r["prompt_tokens"] for r in out)
     return {
-        "rows_out": len(out), "unparsed": sum(not r["parsed"] for r in out),
+        "rows_out": len(out),
+        "unparsed": sum(not r["parsed"] for r in out),
         "truncated_prompts": sum(r["prompt_truncated"] for r in out),
-        "prompt_tokens": prompt_tokens, "tokens_per_s": round(prompt_tokens / max(seconds, 1e-9), 1),
+        "prompt_tokens": prompt_tokens,
+        "tokens_per_s": round(prompt_tokens / max(seconds, 1e-9), 1),
         **agreement_metrics(out),
     }
 
@@ -137,9 +147,15 @@ def _judgment(a: dict, b: dict, completion, decode, prefix_given: bool, config: 
     position = label_position(completion.token_ids, decode, prefix_given)
     p_a, parsed = (0.5, False) if position is None else soft_verdict(completion.top_logprobs[position], decode)
     return {
-        "prompt_id": a["prompt_id"], "a": a["candidate"], "b": b["candidate"], "p_a": p_a, "parsed": parsed,
-        "mode": config.mode, "judge_text": (config.answer_prefix if prefix_given else "") + completion.text,
-        "reference_f1_a": token_f1(a["response"], a["reference"]), "reference_f1_b": token_f1(b["response"], b["reference"]),
+        "prompt_id": a["prompt_id"],
+        "a": a["candidate"],
+        "b": b["candidate"],
+        "p_a": p_a,
+        "parsed": parsed,
+        "mode": config.mode,
+        "judge_text": (config.answer_prefix if prefix_given else "") + completion.text,
+        "reference_f1_a": token_f1(a["response"], a["reference"]),
+        "reference_f1_b": token_f1(b["response"], b["reference"]),
     }
 
 
@@ -179,8 +195,13 @@ def candidate_groups(ctx: RunContext, config: JudgeConfig, parents: dict) -> lis
 
 
 def judge_backend(ctx: RunContext, config: JudgeConfig, parents: dict):
-    return shared_backend(config.backend, ctx.model_dir(parents["judge_model"]), config.dtype,
-                          config.tensor_parallel_size, batch_size=config.batch_size)
+    return shared_backend(
+        config.backend,
+        ctx.model_dir(parents["judge_model"]),
+        config.dtype,
+        config.tensor_parallel_size,
+        batch_size=config.batch_size,
+    )
 
 
 def judge_groups(backend, groups: list[list[dict]], config: JudgeConfig, progress=None) -> tuple[list[dict], dict]:
@@ -200,28 +221,54 @@ def judge_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str
         if a < b and (pid, b, a) in verdicts:
             per_prompt.setdefault(pid, (first, verdicts[(pid, b, a)]))
     both_ways = list(per_prompt.values())[:EXAMPLES]
-    return examples_markdown("judge: comparisons, both orders",
-                             [_both_ways_example(first, second, candidates) for first, second in both_ways])
+    return examples_markdown(
+        "judge: comparisons, both orders",
+        [_both_ways_example(first, second, candidates) for first, second in both_ways],
+    )
 
 
 def _both_ways_example(first: dict, second: dict, candidates: dict) -> dict:
     """``first`` judged (a, b) and ``second`` (b, a): both verdicts as p(a better)."""
     a, b = (candidates[(first["prompt_id"], first[side])] for side in ("a", "b"))
     return {
-        "instruction": a["prompt"], "reference": a["reference"],
-        f"output {a['candidate']}": a["response"], f"output {b['candidate']}": b["response"],
+        "instruction": a["prompt"],
+        "reference": a["reference"],
+        f"output {a['candidate']}": a["response"],
+        f"output {b['candidate']}": b["response"],
         f"p({a['candidate']} better), shown first": first["p_a"],
         f"p({a['candidate']} better), shown second": 1.0 - second["p_a"],
         "judge said (both orders)": f"{first['judge_text']!r} / {second['judge_text']!r}",
     }
 
 
-JUDGMENT_ROWS = pa.schema([
-    ("prompt_id", pa.string()), ("a", pa.int64()), ("b", pa.int64()), ("p_a", pa.float64()), ("parsed", pa.bool_()),
-    ("mode", pa.string()), ("judge_text", pa.string()), ("reference_f1_a", pa.float64()),
-    ("reference_f1_b", pa.float64()), ("prompt_tokens", pa.int64()), ("prompt_truncated", pa.bool_()),
-])
-JUDGE = Stage("judge", None, __name__, schema=JUDGMENT_ROWS, examples=judge_examples,
-              shards=Shards(units=candidate_groups, open=judge_backend, compute=judge_groups, metrics=judge_metrics,
-                            work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups), unit="comparisons"))
+JUDGMENT_ROWS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("a", pa.int64()),
+        ("b", pa.int64()),
+        ("p_a", pa.float64()),
+        ("parsed", pa.bool_()),
+        ("mode", pa.string()),
+        ("judge_text", pa.string()),
+        ("reference_f1_a", pa.float64()),
+        ("reference_f1_b", pa.float64()),
+        ("prompt_tokens", pa.int64()),
+        ("prompt_truncated", pa.bool_()),
+    ]
+)
+JUDGE = Stage(
+    "judge",
+    None,
+    __name__,
+    schema=JUDGMENT_ROWS,
+    examples=judge_examples,
+    shards=Shards(
+        units=candidate_groups,
+        open=judge_backend,
+        compute=judge_groups,
+        metrics=judge_metrics,
+        work=lambda groups, config: sum(len(ordered_pairs(g)) for g in groups),
+        unit="comparisons",
+    ),
+)
 judge_task = stage_task(JUDGE)

@@ -4,6 +4,7 @@ s_i = mean soft win probability of candidate i over all its comparisons, in both
 positions. Ties break by candidate index: among equal scores the lower index is
 picked, as best and as worst alike, so pairs are deterministic.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -60,7 +61,8 @@ def build_pairs(candidates: list[dict], judgments: list[dict], config: PairsConf
     pairs, skipped = [], Counter()
     for prompt_id, group in group_by_prompt(candidates).items():
         kept = [
-            c for c in unique_candidates(group)
+            c
+            for c in unique_candidates(group)
             if len(c["token_ids"]) <= config.max_response_tokens and (prompt_id, c["candidate"]) in scores
         ]
         choice = choose_pair([(c["candidate"], scores[(prompt_id, c["candidate"])]) for c in kept], config.min_margin)
@@ -69,13 +71,19 @@ def build_pairs(candidates: list[dict], judgments: list[dict], config: PairsConf
             continue
         by_index = {c["candidate"]: c for c in kept}
         chosen, rejected = by_index[choice[0]], by_index[choice[1]]
-        pairs.append({
-            "prompt_id": prompt_id, "prompt": chosen["prompt"], "reference": chosen["reference"],
-            "chosen": chosen["response"], "rejected": rejected["response"],
-            "chosen_candidate": chosen["candidate"], "rejected_candidate": rejected["candidate"],
-            "chosen_score": scores[(prompt_id, chosen["candidate"])],
-            "rejected_score": scores[(prompt_id, rejected["candidate"])],
-        })
+        pairs.append(
+            {
+                "prompt_id": prompt_id,
+                "prompt": chosen["prompt"],
+                "reference": chosen["reference"],
+                "chosen": chosen["response"],
+                "rejected": rejected["response"],
+                "chosen_candidate": chosen["candidate"],
+                "rejected_candidate": rejected["candidate"],
+                "chosen_score": scores[(prompt_id, chosen["candidate"])],
+                "rejected_score": scores[(prompt_id, rejected["candidate"])],
+            }
+        )
     metrics = {"rows_out": len(pairs), **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
     if pairs:
         metrics["mean_margin"] = round(sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs), 4)
@@ -91,15 +99,34 @@ def compute_pairs(ctx: RunContext, config: PairsConfig, key: str, candidates: Ar
 
 
 def pairs_examples(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
-    return examples_markdown("pairs: chosen vs rejected", [
-        {"prompt": p["prompt"], "reference": p["reference"], "chosen": p["chosen"], "chosen_score": p["chosen_score"],
-         "rejected": p["rejected"], "rejected_score": p["rejected_score"]} for p in store.read_rows(ref)[:EXAMPLES]])
+    return examples_markdown(
+        "pairs: chosen vs rejected",
+        [
+            {
+                "prompt": p["prompt"],
+                "reference": p["reference"],
+                "chosen": p["chosen"],
+                "chosen_score": p["chosen_score"],
+                "rejected": p["rejected"],
+                "rejected_score": p["rejected_score"],
+            }
+            for p in store.read_rows(ref)[:EXAMPLES]
+        ],
+    )
 
 
-PAIR_ROWS = pa.schema([
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("reference", pa.string()), ("chosen", pa.string()),
-    ("rejected", pa.string()), ("chosen_candidate", pa.int64()), ("rejected_candidate", pa.int64()),
-    ("chosen_score", pa.float64()), ("rejected_score", pa.float64()),
-])
+PAIR_ROWS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_candidate", pa.int64()),
+        ("rejected_candidate", pa.int64()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+    ]
+)
 PAIRS = Stage("pairs", compute_pairs, __name__, schema=PAIR_ROWS, examples=pairs_examples)
 pairs_task = stage_task(PAIRS)

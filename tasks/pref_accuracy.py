@@ -10,6 +10,7 @@ scored it on the same pairs (``policy_scores``); the reference is always such an
 artifact (``reference_scores``): each model's log-probs are computed once however
 many comparisons use them.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -31,12 +32,18 @@ def implicit_rewards(policy: list[float], beta: float, reference: list[float] | 
 def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict:
     """Share of pairs where chosen wins, where it ties, and the mean margin."""
     if not chosen or len(chosen) != len(rejected):
-        raise ValueError(f"need the same non-zero number of chosen and rejected rewards, got {len(chosen)} and {len(rejected)}")
+        raise ValueError(
+            f"need the same non-zero number of chosen and rejected rewards, got {len(chosen)} and {len(rejected)}"
+        )
     wins = sum(c > r for c, r in zip(chosen, rejected))
     ties = sum(c == r for c, r in zip(chosen, rejected))
     n = len(chosen)
-    return {"pairs": n, "accuracy": wins / n, "ties": ties / n,
-            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n}
+    return {
+        "pairs": n,
+        "accuracy": wins / n,
+        "ties": ties / n,
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+    }
 
 
 def policy_logprobs(model, tokenizer, pairs: list[dict], config: PrefAccuracyConfig, progress=None):
@@ -68,8 +75,12 @@ def model_sides(ctx: RunContext, model_ref: ArtifactRef, pairs: list[dict], conf
 
 def accuracy_by_dataset(rows: list[dict]) -> dict:
     """Flat metrics: overall and per dataset (``accuracy/<dataset>``, ...)."""
-    metrics = {f"{k}": round(v, 4) for k, v in preference_accuracy(
-        [r["chosen_reward"] for r in rows], [r["rejected_reward"] for r in rows]).items()}
+    metrics = {
+        f"{k}": round(v, 4)
+        for k, v in preference_accuracy(
+            [r["chosen_reward"] for r in rows], [r["rejected_reward"] for r in rows]
+        ).items()
+    }
     for dataset in sorted({r["dataset"] for r in rows}):
         part = [r for r in rows if r["dataset"] == dataset]
         result = preference_accuracy([r["chosen_reward"] for r in part], [r["rejected_reward"] for r in part])
@@ -77,30 +88,60 @@ def accuracy_by_dataset(rows: list[dict]) -> dict:
     return metrics
 
 
-def compute_pref_accuracy(ctx: RunContext, config: PrefAccuracyConfig, key: str, pairs: ArtifactRef,
-                          policy: ArtifactRef | None = None, policy_scores: ArtifactRef | None = None,
-                          reference_scores: ArtifactRef | None = None):
+def compute_pref_accuracy(
+    ctx: RunContext,
+    config: PrefAccuracyConfig,
+    key: str,
+    pairs: ArtifactRef,
+    policy: ArtifactRef | None = None,
+    policy_scores: ArtifactRef | None = None,
+    reference_scores: ArtifactRef | None = None,
+):
     if (policy is None) == (policy_scores is None):
-        raise ValueError("pref_accuracy: give either a policy model (policy) or the pref_accuracy artifact "
-                         "that scored it (policy_scores)")
+        raise ValueError(
+            "pref_accuracy: give either a policy model (policy) or the pref_accuracy artifact "
+            "that scored it (policy_scores)"
+        )
     store = ctx.store()
     rows = store.read_rows(pairs)
-    chosen, rejected = (scored_sides(store.read_rows(policy_scores), rows) if policy_scores
-                        else model_sides(ctx, policy, rows, config))
-    ref_chosen, ref_rejected = (scored_sides(store.read_rows(reference_scores), rows) if reference_scores
-                                else (None, None))
+    chosen, rejected = (
+        scored_sides(store.read_rows(policy_scores), rows) if policy_scores else model_sides(ctx, policy, rows, config)
+    )
+    ref_chosen, ref_rejected = (
+        scored_sides(store.read_rows(reference_scores), rows) if reference_scores else (None, None)
+    )
     chosen_rewards = implicit_rewards(chosen, config.beta, ref_chosen)
     rejected_rewards = implicit_rewards(rejected, config.beta, ref_rejected)
-    out = [{"id": p["id"], "dataset": p["dataset"], "chosen_logp": c, "rejected_logp": r,
-            "chosen_reward": cr, "rejected_reward": rr, "correct": cr > rr, "tie": cr == rr}
-           for p, c, r, cr, rr in zip(rows, chosen, rejected, chosen_rewards, rejected_rewards)]
-    return StageOutput(tables=[pa.Table.from_pylist(out)],
-                       metrics={"with_reference": reference_scores is not None, **accuracy_by_dataset(out)})
+    out = [
+        {
+            "id": p["id"],
+            "dataset": p["dataset"],
+            "chosen_logp": c,
+            "rejected_logp": r,
+            "chosen_reward": cr,
+            "rejected_reward": rr,
+            "correct": cr > rr,
+            "tie": cr == rr,
+        }
+        for p, c, r, cr, rr in zip(rows, chosen, rejected, chosen_rewards, rejected_rewards)
+    ]
+    return StageOutput(
+        tables=[pa.Table.from_pylist(out)],
+        metrics={"with_reference": reference_scores is not None, **accuracy_by_dataset(out)},
+    )
 
 
-SCORED_PAIR_ROWS = pa.schema([
-    ("id", pa.string()), ("dataset", pa.string()), ("chosen_logp", pa.float64()), ("rejected_logp", pa.float64()),
-    ("chosen_reward", pa.float64()), ("rejected_reward", pa.float64()), ("correct", pa.bool_()), ("tie", pa.bool_()),
-])
+SCORED_PAIR_ROWS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("chosen_logp", pa.float64()),
+        ("rejected_logp", pa.float64()),
+        ("chosen_reward", pa.float64()),
+        ("rejected_reward", pa.float64()),
+        ("correct", pa.bool_()),
+        ("tie", pa.bool_()),
+    ]
+)
 PREF_ACCURACY = Stage("pref_accuracy", compute_pref_accuracy, __name__, schema=SCORED_PAIR_ROWS)
 pref_accuracy_task = stage_task(PREF_ACCURACY)

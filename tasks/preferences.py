@@ -6,6 +6,7 @@ Every row needs ``prompt``, ``chosen`` and ``rejected`` text; ``columns`` maps
 other names onto them (``{"prompt": "question"}``). A bad row is reported by
 file and line (1-based; for Parquet/Arrow, the row number).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,9 @@ def read_preferences(spec: str, columns: dict[str, str] | None = None) -> list[d
     elif not path.exists():
         raise PreferenceFileError(f"{spec}: not found (expected .jsonl, .parquet, a datasets folder or genies:...)")
     else:
-        raise PreferenceFileError(f"{path}: unsupported format '{path.suffix}' (expected .jsonl, .parquet or a datasets folder)")
+        raise PreferenceFileError(
+            f"{path}: unsupported format '{path.suffix}' (expected .jsonl, .parquet or a datasets folder)"
+        )
     mapping = {field: (columns or {}).get(field, field) for field in FIELDS}
     return [_validated(path, line, row, mapping) for line, row in rows]
 
@@ -130,13 +133,23 @@ def fingerprint(spec: str) -> str:
     return digest.hexdigest()
 
 
-def preference_set(sources: dict[str, str], genies_dir: Path, columns: dict[str, str] | None = None,
-                   limit: int | None = None, seed: int = 0) -> PreferenceSet:
+def preference_set(
+    sources: dict[str, str],
+    genies_dir: Path,
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> PreferenceSet:
     if not sources:
         raise PreferenceFileError("no preference sources given (expected name: path or genies:DISTRIBUTION:SPLIT)")
     resolved = {name: resolve_spec(spec, genies_dir) for name, spec in sources.items()}
-    return PreferenceSet(sources=resolved, fingerprints={n: fingerprint(s) for n, s in resolved.items()},
-                         columns=columns or {}, limit=limit, seed=seed)
+    return PreferenceSet(
+        sources=resolved,
+        fingerprints={n: fingerprint(s) for n, s in resolved.items()},
+        columns=columns or {},
+        limit=limit,
+        seed=seed,
+    )
 
 
 def prompt_key(prompt: str) -> str:
@@ -154,7 +167,15 @@ def compute_preferences(ctx, config: PreferenceSet, key: str) -> StageOutput:
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics=metrics)
 
 
-PREFERENCE_ROWS = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
-                             ("rejected", pa.string()), ("dataset", pa.string()), ("prompt_id", pa.string())])
+PREFERENCE_ROWS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("dataset", pa.string()),
+        ("prompt_id", pa.string()),
+    ]
+)
 PREFERENCES = Stage("preferences", compute_preferences, __name__, schema=PREFERENCE_ROWS)
 preferences_task = stage_task(PREFERENCES)

@@ -1,5 +1,6 @@
 """Load instructions with reference answers: JSONL or Parquet with `prompt` and
 `reference` (optional `id`), or the built-in demo set."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,12 @@ def prompt_source(spec: str, limit: int | None) -> PromptSource:
     A built-in set keeps its name: its path is this installation's, not the artifact's."""
     path = prompt_file(spec)
     if not path.is_file():
-        raise PromptFileError(f"{spec}: prompts file not found (expected .jsonl or .parquet, or one of {list(BUILTIN)})")
-    return PromptSource(path=spec if spec in BUILTIN else str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                        limit=limit)
+        raise PromptFileError(
+            f"{spec}: prompts file not found (expected .jsonl or .parquet, or one of {list(BUILTIN)})"
+        )
+    return PromptSource(
+        path=spec if spec in BUILTIN else str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), limit=limit
+    )
 
 
 def prompt_file(spec: str) -> Path:

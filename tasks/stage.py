@@ -9,6 +9,7 @@ actor) into its own part file, and committed together. ``stage_task`` turns a
 stage into a cached, retryable Prefect task whose parameters are the run
 context, the stage config and parent ``ArtifactRef``s.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,10 +18,11 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, cast
+from typing import cast
 from uuid import UUID
 
 import pyarrow as pa
@@ -29,8 +31,8 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from alignflow.storage.artifacts import ArtifactError, ArtifactRef, ArtifactStore, artifact_key, stable_hash
-from alignflow.tasks.stage_report import in_prefect_run, publish_stage_report
 from alignflow.tasks.code_graph import CodeGraph, project_graph
+from alignflow.tasks.stage_report import in_prefect_run, publish_stage_report
 
 log = logging.getLogger("alignflow")
 
@@ -63,8 +65,10 @@ def run_context(config) -> RunContext:
     paths = config.paths.resolved()
     executor = config.executor
     return RunContext(
-        artifact_root=paths.artifact_root, model_cache=paths.model_cache,
-        storage_options=config.storage.options(), executor=executor,
+        artifact_root=paths.artifact_root,
+        model_cache=paths.model_cache,
+        storage_options=config.storage.options(),
+        executor=executor,
         ray=config.ray.model_dump() if executor == "ray" else {},
     )
 
@@ -139,8 +143,15 @@ class Stage:
             raise TypeError(f"stage {self.name}: neither compute nor shards is given")
         metrics = {"worker": _worker(), **out.metrics, "seconds": round(time.perf_counter() - started, 3)}
         ref = store.commit(
-            self.name, key, tables=out.tables, shards=out.shards, local_dirs=out.dirs, parents=list(parents.values()),
-            config=config.model_dump(mode="json"), code_version=self.code_version(config), metrics=metrics,
+            self.name,
+            key,
+            tables=out.tables,
+            shards=out.shards,
+            local_dirs=out.dirs,
+            parents=list(parents.values()),
+            config=config.model_dump(mode="json"),
+            code_version=self.code_version(config),
+            metrics=metrics,
             schema=self.output_schema(config),
         )
         if out.scratch:
@@ -150,8 +161,9 @@ class Stage:
         log.info("%s: committed %s", self.name, ref.uri)
         return ref
 
-    def _compute_sharded(self, plan: Shards, ctx: RunContext, config: BaseModel, key: str,
-                         parents: dict) -> StageOutput:
+    def _compute_sharded(
+        self, plan: Shards, ctx: RunContext, config: BaseModel, key: str, parents: dict
+    ) -> StageOutput:
         """Every shard's part file, computing only those no earlier attempt wrote."""
         store = ctx.store()
         units = plan.units(ctx, config, parents)
@@ -168,8 +180,14 @@ class Stage:
 
         def finished(receipt: dict) -> None:
             done[receipt["index"]] = receipt
-            log.info("%s: shard %d/%d done on %s in %.1fs", self.name, receipt["index"] + 1, len(shards),
-                     receipt["worker"], receipt["seconds"])
+            log.info(
+                "%s: shard %d/%d done on %s in %.1fs",
+                self.name,
+                receipt["index"] + 1,
+                len(shards),
+                receipt["worker"],
+                receipt["seconds"],
+            )
 
         retries = run_shards(self, ctx, config, key, parents, todo, progress, finished)
         progress.close()
@@ -178,12 +196,20 @@ class Stage:
         rows = store.read_shards(self.name, key, receipts).to_pylist()
         metrics = plan.metrics(rows, sum(r["seconds"] for r in receipts))
         workers = sorted({r["worker"] for r in receipts})
-        return StageOutput(shards=receipts, metrics={
-            **metrics, "worker": ",".join(workers), "shards": len(shards), "shards_resumed": len(shards) - len(todo),
-            "shard_retries": retries})
+        return StageOutput(
+            shards=receipts,
+            metrics={
+                **metrics,
+                "worker": ",".join(workers),
+                "shards": len(shards),
+                "shards_resumed": len(shards) - len(todo),
+                "shard_retries": retries,
+            },
+        )
 
-    def compute_shard(self, ctx: RunContext, config: BaseModel, key: str, index: int, units: list, parents: dict,
-                      progress=None) -> dict:
+    def compute_shard(
+        self, ctx: RunContext, config: BaseModel, key: str, index: int, units: list, parents: dict, progress=None
+    ) -> dict:
         """One shard, in the process that runs it: its rows become a part file of the
         artifact. The receipt records the torch threads: on CPU, float sums split
         over a different number of threads differ in the last bits."""
@@ -196,13 +222,29 @@ class Stage:
         started = time.perf_counter()
         rows, _ = plan.compute(model, units, config, progress)
         seconds = round(time.perf_counter() - started, 3)
-        return ctx.store().write_shard(self.name, key, index, pa.Table.from_pylist(rows),
-                                       schema=self.output_schema(config), work=plan.work(units, config),
-                                       seconds=seconds, worker=_worker(), torch_threads=torch.get_num_threads())
+        return ctx.store().write_shard(
+            self.name,
+            key,
+            index,
+            pa.Table.from_pylist(rows),
+            schema=self.output_schema(config),
+            work=plan.work(units, config),
+            seconds=seconds,
+            worker=_worker(),
+            torch_threads=torch.get_num_threads(),
+        )
 
 
-def run_shards(stage: Stage, ctx: RunContext, config: BaseModel, key: str, parents: dict, todo: dict[int, list],
-               progress: "Progress", finished: Callable[[dict], None]) -> int:
+def run_shards(
+    stage: Stage,
+    ctx: RunContext,
+    config: BaseModel,
+    key: str,
+    parents: dict,
+    todo: dict[int, list],
+    progress: Progress,
+    finished: Callable[[dict], None],
+) -> int:
     """Compute the ``todo`` shards in order here, or over the Ray pool's replicas;
     returns how many shard attempts were retried after their actor died."""
     if ctx.executor == "ray":
@@ -257,8 +299,12 @@ def stage_task(stage: Stage, retries: int = 2):
 
     run.__name__ = stage.name
     return task(
-        name=stage.name, cache_key_fn=cache_key, persist_result=True, retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+        name=stage.name,
+        cache_key_fn=cache_key,
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=2),
+        retry_jitter_factor=0.2,
         retry_condition_fn=is_transient,
     )(run)
 

@@ -1,12 +1,13 @@
 """What a stage shows in the Prefect UI when it commits: a table of its metrics and,
 where a user would rather look than read numbers, a markdown artifact of a few
 example rows or of its training curves. A leaf module: stages and flows import it."""
+
 from __future__ import annotations
 
 import base64
 import io
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -23,8 +24,9 @@ def in_prefect_run() -> bool:
     return TaskRunContext.get() is not None
 
 
-def publish_stage_report(stage: str, ref: ArtifactRef, metrics: dict, rows_in: int,
-                         examples: Callable[[], str] | None = None) -> None:
+def publish_stage_report(
+    stage: str, ref: ArtifactRef, metrics: dict, rows_in: int, examples: Callable[[], str] | None = None
+) -> None:
     """A table artifact in the Prefect UI (rows in/out, tokens, speed and the stage's own
     metrics) and, when the stage has them, its examples as a markdown artifact."""
     if not in_prefect_run():
@@ -92,5 +94,8 @@ def training_curves_png(log: pa.Table, metrics: list[str]) -> bytes:
 def training_curves_markdown(stage: str, log: pa.Table, metrics: list[str]) -> str:
     """The curves of a training stage's per-step history (its committed table)."""
     steps = sum(split == "train" for split in log.column("split").to_pylist())
-    return (f"# {stage}: {' and '.join(metrics)} per step\n\n{steps} optimizer steps\n\n"
-            + inline_png(training_curves_png(log, metrics), f"{stage} training curves") + "\n")
+    return (
+        f"# {stage}: {' and '.join(metrics)} per step\n\n{steps} optimizer steps\n\n"
+        + inline_png(training_curves_png(log, metrics), f"{stage} training curves")
+        + "\n"
+    )

@@ -1,5 +1,6 @@
 """train_dpo: DPO (sigmoid, IPO or hinge) on precomputed reference log-probs,
 on the shared training loop (tasks/training.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,11 @@ def dpo_objective(config: DPOConfig, pad_id: int) -> Objective:
         sums = response_logprob_sums(model, pack(prompts, responses, pad_id))
         ref_c = torch.tensor([r["chosen_logp"] for r in rows])
         ref_r = torch.tensor([r["rejected_logp"] for r in rows])
-        losses, chosen, rejected = dpo_losses(sums[: len(rows)], sums[len(rows) :], ref_c, ref_r, config.beta, config.loss)
+        losses, chosen, rejected = dpo_losses(
+            sums[: len(rows)], sums[len(rows) :], ref_c, ref_r, config.beta, config.loss
+        )
         return losses.mean(), summarize(losses.detach(), chosen.detach(), rejected.detach())
+
     return Objective("train_dpo", batch_loss)
 
 
@@ -47,17 +51,26 @@ DPO_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_r
 def summarize(losses, chosen_rewards, rejected_rewards) -> dict:
     margins = chosen_rewards - rejected_rewards
     return {
-        "loss": float(losses.mean()), "reward_accuracy": float((margins > 0).float().mean()),
-        "margin": float(margins.mean()), "chosen_reward": float(chosen_rewards.mean()),
+        "loss": float(losses.mean()),
+        "reward_accuracy": float((margins > 0).float().mean()),
+        "margin": float(margins.mean()),
+        "chosen_reward": float(chosen_rewards.mean()),
         "rejected_reward": float(rejected_rewards.mean()),
     }
 
 
 def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: ArtifactRef, pairs: ArtifactRef):
     rows = ctx.store().read_rows(pairs)
-    return fit(ctx, "train_dpo", key, policy, rows, config, lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id))
+    return fit(
+        ctx, "train_dpo", key, policy, rows, config, lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id)
+    )
 
 
-TRAIN_DPO = Stage("train_dpo", compute_train_dpo, __name__, schema=history_schema(*DPO_METRICS),
-                  examples=curves("loss", "reward_accuracy"))
+TRAIN_DPO = Stage(
+    "train_dpo",
+    compute_train_dpo,
+    __name__,
+    schema=history_schema(*DPO_METRICS),
+    examples=curves("loss", "reward_accuracy"),
+)
 train_dpo_task = stage_task(TRAIN_DPO)

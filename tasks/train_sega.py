@@ -13,6 +13,7 @@ its per-token log-probs are computed once before training.
 Training sees exactly the sampling context: the stored prompt token ids and the
 generated token ids, stop token included.
 """
+
 from __future__ import annotations
 
 from itertools import groupby
@@ -57,16 +58,25 @@ def sega_groups(candidates: list[dict], scores: list[dict], config: SEGAConfig) 
     """One row per prompt: its kept candidates' token ids and their advantages.
     Groups with fewer than two kept candidates or equal scores carry no signal."""
     kept = {(s["prompt_id"], s["candidate"]): s["score"] for s in scores if s["kept"]}
-    members = sorted((c for c in candidates if (c["prompt_id"], c["candidate"]) in kept),
-                     key=lambda c: (c["prompt_id"], c["candidate"]))
+    members = sorted(
+        (c for c in candidates if (c["prompt_id"], c["candidate"]) in kept),
+        key=lambda c: (c["prompt_id"], c["candidate"]),
+    )
     groups = []
     for prompt_id, group in groupby(members, key=lambda c: c["prompt_id"]):
         group = list(group)
-        advantages = group_advantages(torch.tensor([kept[(prompt_id, c["candidate"])] for c in group]),
-                                      config.mapping, config.zscore)
+        advantages = group_advantages(
+            torch.tensor([kept[(prompt_id, c["candidate"])] for c in group]), config.mapping, config.zscore
+        )
         if len(group) > 1 and bool(advantages.abs().max() > 0):
-            groups.append({"prompt_id": prompt_id, "prompt_ids": group[0]["prompt_ids"],
-                           "responses": [c["token_ids"] for c in group], "advantages": advantages.tolist()})
+            groups.append(
+                {
+                    "prompt_id": prompt_id,
+                    "prompt_ids": group[0]["prompt_ids"],
+                    "responses": [c["token_ids"] for c in group],
+                    "advantages": advantages.tolist(),
+                }
+            )
     return groups
 
 
@@ -77,9 +87,11 @@ def _flat(groups: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
 
 def add_reference_token_logprobs(model, pad_id: int, groups: list[dict], token_budget: int = 4096) -> list[dict]:
     """Per-token log-probs of every candidate under the starting policy (for the KL penalty)."""
+
     def per_token(batch):
         logp, mask = response_token_logprobs(model, batch)
         return [row[m].tolist() for row, m in zip(logp, mask)]
+
     values = iter(map_batches(per_token, *_flat(groups), pad_id, token_budget))
     return [{**g, "reference_logps": [next(values) for _ in g["responses"]]} for g in groups]
 
@@ -101,28 +113,50 @@ def sega_objective(config: SEGAConfig, pad_id: int) -> Objective:
             reference[mask] = torch.tensor([v for g in groups for lp in g["reference_logps"] for v in lp])
             kl = kl_penalty(logp, reference, mask.float())
         loss = policy_loss + config.kl_coef * kl
-        metrics = {"loss": float(loss.detach()), "policy_loss": float(policy_loss.detach()), "kl": float(kl.detach()),
-                   "mean_token_logp": float((sums / lengths).mean().detach())}
+        metrics = {
+            "loss": float(loss.detach()),
+            "policy_loss": float(policy_loss.detach()),
+            "kl": float(kl.detach()),
+            "mean_token_logp": float((sums / lengths).mean().detach()),
+        }
         return loss, metrics
+
     return Objective("train_sega", batch_loss)
 
 
-def compute_train_sega(ctx: RunContext, config: SEGAConfig, key: str, policy: ArtifactRef, candidates: ArtifactRef,
-                       scores: ArtifactRef):
+def compute_train_sega(
+    ctx: RunContext, config: SEGAConfig, key: str, policy: ArtifactRef, candidates: ArtifactRef, scores: ArtifactRef
+):
     store = ctx.store()
     groups = sega_groups(store.read_rows(candidates), store.read_rows(scores), config)
     if not groups:
-        raise ValueError("train_sega: no prompt has two kept candidates with different scores; nothing to learn from "
-                         "(sample more candidates per prompt, or turn off entropy.trim_outliers)")
+        raise ValueError(
+            "train_sega: no prompt has two kept candidates with different scores; nothing to learn from "
+            "(sample more candidates per prompt, or turn off entropy.trim_outliers)"
+        )
 
     def with_reference(model, tokenizer, rows):
         return add_reference_token_logprobs(model, tokenizer.pad_token_id, rows) if config.kl_coef else rows
-    out = fit(ctx, "train_sega", key, policy, groups, config,
-              lambda tokenizer: sega_objective(config, tokenizer.pad_token_id), prepare=with_reference)
+
+    out = fit(
+        ctx,
+        "train_sega",
+        key,
+        policy,
+        groups,
+        config,
+        lambda tokenizer: sega_objective(config, tokenizer.pad_token_id),
+        prepare=with_reference,
+    )
     out.metrics["groups"] = len(groups)
     return out
 
 
-TRAIN_SEGA = Stage("train_sega", compute_train_sega, __name__,
-                   schema=history_schema("loss", "policy_loss", "kl", "mean_token_logp"), examples=curves("loss"))
+TRAIN_SEGA = Stage(
+    "train_sega",
+    compute_train_sega,
+    __name__,
+    schema=history_schema("loss", "policy_loss", "kl", "mean_token_logp"),
+    examples=curves("loss"),
+)
 train_sega_task = stage_task(TRAIN_SEGA)

@@ -6,6 +6,7 @@ later samples. With ``contrast`` the reasoning starts from the rejected answer a
 a first draft (the paper's reflection). Only target tokens are learned: the
 prompt and the padding carry the ignore label.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,13 @@ def sft_examples(tokenizer, stop_ids: list[int], pairs: list[dict], config: SFTC
             continue
         seen.add((pair["prompt"], target))
         content, prompt, _ = fit_prompt(tokenizer, pair["prompt"], config.max_prompt_tokens)
-        rows.append({"prompt_id": pair["prompt_id"], "prompt_ids": prompt,
-                     "target_ids": response_ids(tokenizer, content, target, stop_ids)})
+        rows.append(
+            {
+                "prompt_id": pair["prompt_id"],
+                "prompt_ids": prompt,
+                "target_ids": response_ids(tokenizer, content, target, stop_ids),
+            }
+        )
     return rows
 
 
@@ -58,16 +64,28 @@ def sft_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def sft_objective(pad_id: int) -> Objective:
     def batch_loss(model, rows: list[dict]):
         batch = pack([r["prompt_ids"] for r in rows], [r["target_ids"] for r in rows], pad_id)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=sft_labels(batch)).loss
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=sft_labels(batch)
+        ).loss
         return loss, {"loss": float(loss.detach())}
+
     return Objective("train_sft", batch_loss)
 
 
 def compute_train_sft(ctx: RunContext, config: SFTConfig, key: str, policy: ArtifactRef, pairs: ArtifactRef):
     def tokenized(model, tokenizer, rows):
         return sft_examples(tokenizer, end_of_turn_ids(tokenizer, model), rows, config)
-    return fit(ctx, "train_sft", key, policy, ctx.store().read_rows(pairs), config,
-               lambda tokenizer: sft_objective(tokenizer.pad_token_id), prepare=tokenized)
+
+    return fit(
+        ctx,
+        "train_sft",
+        key,
+        policy,
+        ctx.store().read_rows(pairs),
+        config,
+        lambda tokenizer: sft_objective(tokenizer.pad_token_id),
+        prepare=tokenized,
+    )
 
 
 TRAIN_SFT = Stage("train_sft", compute_train_sft, __name__, schema=history_schema("loss"), examples=curves("loss"))

@@ -11,6 +11,7 @@ An engine does the backward and the step: one process by default
 (batch_size x grad_accum rows, as in one process), so a step's gradient is the
 single-process one; rank 0 writes checkpoints and the trained model.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,10 +21,10 @@ import logging
 import math
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -50,10 +51,14 @@ class Objective:
     batch_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
-def split_rows(rows: list[dict], val_fraction: float, seed: int, group: str = "prompt_id") -> tuple[list[dict], list[dict]]:
+def split_rows(
+    rows: list[dict], val_fraction: float, seed: int, group: str = "prompt_id"
+) -> tuple[list[dict], list[dict]]:
     """A stable split by a hash of each row's group (rows of one prompt stay together); at least one training row."""
+
     def is_val(r):
         return zlib.crc32(f"{seed}:{r[group]}".encode()) % 10_000 < val_fraction * 10_000
+
     val = [r for r in rows if is_val(r)]
     train_rows = [r for r in rows if not is_val(r)]
     if not train_rows:
@@ -188,16 +193,20 @@ class ZeroEngine:
 
     def __init__(self, model, config: TrainConfig):
         if not dist.is_initialized():
-            raise RuntimeError(f"distributed.strategy={config.distributed.strategy} trains through fit(), which starts "
-                               "the ranks (workers/distributed.py); this process has no torch.distributed group")
+            raise RuntimeError(
+                f"distributed.strategy={config.distributed.strategy} trains through fit(), which starts "
+                "the ranks (workers/distributed.py); this process has no torch.distributed group"
+            )
         import deepspeed
 
         _skip_shm_comm_build()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
         self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config))
+            model=model, optimizer=optimizer, config=deepspeed_config(config)
+        )
         self.model = self.wrapped.module
         self.zero_stage = self.wrapped.zero_optimization_stage()
         self.gathered = partial(deepspeed.zero.GatheredParameters, list(self.model.parameters()))
@@ -291,11 +300,17 @@ def prepare_model(model_dir: Path, config: TrainConfig):
     if config.full_finetune:
         model.train()
         return model, tokenizer
-    from peft import LoraConfig as PeftLora, get_peft_model
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
 
     torch.manual_seed(config.seed)
-    lora = PeftLora(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                    target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
+    lora = PeftLora(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     model.train()
     return model, tokenizer
@@ -304,8 +319,9 @@ def prepare_model(model_dir: Path, config: TrainConfig):
 def step_rows(rows: list[dict], config: TrainConfig, step: int, steps_per_epoch: int) -> list[dict]:
     """The global batch of an optimizer step: the next batch_size x grad_accum rows of its epoch's shuffle."""
     epoch, within = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                           device="cpu").tolist()
+    order = torch.randperm(
+        len(rows), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch), device="cpu"
+    ).tolist()
     size = config.batch_size * config.grad_accum
     return [rows[i] for i in order[within * size : (within + 1) * size]]
 
@@ -319,8 +335,16 @@ def rank_micro_batches(rows: list[dict], batch_size: int, rank: int, world_size:
     return [share[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
-def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective, checkpoints: Checkpoints,
-          progress=None, engine=None) -> TrainState:
+def train(
+    model,
+    train_rows,
+    val_rows,
+    config: TrainConfig,
+    objective: Objective,
+    checkpoints: Checkpoints,
+    progress=None,
+    engine=None,
+) -> TrainState:
     """The loop; returns the final TrainState with the best-by-validation weights loaded (the last without validation).
     ``engine``: what wraps the model (default: ``make_engine(model, config)``)."""
     steps_per_epoch = optimizer_steps_per_epoch(len(train_rows), config)
@@ -346,8 +370,15 @@ def train(model, train_rows, val_rows, config: TrainConfig, objective: Objective
             parts += [(len(batch), metrics)] if batch else []
         grad_norm = engine.step()
         state.step = step + 1
-        state.log.append({"step": state.step, "split": "train", "lr": engine.optimizer.param_groups[0]["lr"],
-                          "grad_norm": grad_norm, **weighted_means(engine.all_ranks(parts))})
+        state.log.append(
+            {
+                "step": state.step,
+                "split": "train",
+                "lr": engine.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                **weighted_means(engine.all_ranks(parts)),
+            }
+        )
         if engine.rank == 0 and (state.step % log_every == 0 or state.step == total):
             _log_step(objective.stage, state.log[-1], total)
         if val_rows and (state.step % config.eval_every == 0 or state.step == total):
@@ -423,29 +454,48 @@ def history_schema(*metrics: str) -> pa.Schema:
     """A training stage's committed table, ``TrainState.log``: a row per optimizer step (split
     "train", with its learning rate and gradient norm) and per validation (split "val"), each
     with the objective's ``metrics`` (means over the step's rows)."""
-    return pa.schema([("step", pa.int64()), ("split", pa.string()), ("lr", pa.float64()),
-                      ("grad_norm", pa.float64()), *((name, pa.float64()) for name in metrics)])
+    return pa.schema(
+        [
+            ("step", pa.int64()),
+            ("split", pa.string()),
+            ("lr", pa.float64()),
+            ("grad_norm", pa.float64()),
+            *((name, pa.float64()) for name in metrics),
+        ]
+    )
 
 
 def curves(*metrics: str) -> Callable[[ArtifactStore, ArtifactRef, dict], str]:
     """A training stage's examples in the Prefect UI: ``metrics`` per step, drawn from its committed history."""
+
     def markdown(store: ArtifactStore, ref: ArtifactRef, parents: dict) -> str:
         return training_curves_markdown(ref.stage, store.read_table(ref), list(metrics))
+
     return markdown
 
 
 def training_metrics(before: dict, after: dict, state: TrainState, train_rows: list, val_rows: list) -> dict:
     """The headline numbers of a training stage's manifest."""
     return {
-        "train_rows": len(train_rows), "val_rows": len(val_rows), "steps": state.step,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "steps": state.step,
         "eval_split": "val" if val_rows else "train",
         **{f"before_{k}": significant(v) for k, v in before.items()},
         **{f"after_{k}": significant(v) for k, v in after.items()},
     }
 
 
-def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef | Path, rows: list[dict], config: TrainConfig,
-        objective_for: Callable[..., Objective], prepare: Callable[..., list[dict]] | None = None) -> StageOutput:
+def fit(
+    ctx: RunContext,
+    stage: str,
+    key: str,
+    policy: ArtifactRef | Path,
+    rows: list[dict],
+    config: TrainConfig,
+    objective_for: Callable[..., Objective],
+    prepare: Callable[..., list[dict]] | None = None,
+) -> StageOutput:
     """A training stage end to end: ``prepare(model, tokenizer, rows)`` (tokenise,
     reference numbers) while the model is still the starting policy, split, measure
     before, train with checkpoints, measure after, save adapter + merged model.
@@ -463,9 +513,17 @@ def fit(ctx: RunContext, stage: str, key: str, policy: ArtifactRef | Path, rows:
     return run_distributed(job, config.distributed.world_size, address=ctx.ray.get("address"))
 
 
-def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, base_model: str, rows: list[dict],
-                config: TrainConfig, objective_for: Callable[..., Objective],
-                prepare: Callable[..., list[dict]] | None) -> StageOutput | None:
+def fit_on_rank(
+    ctx: RunContext,
+    stage: str,
+    key: str,
+    model_dir: Path,
+    base_model: str,
+    rows: list[dict],
+    config: TrainConfig,
+    objective_for: Callable[..., Objective],
+    prepare: Callable[..., list[dict]] | None,
+) -> StageOutput | None:
     """``fit`` in this process: the only one, or one rank of a distributed job, where
     only rank 0 measures and saves (the others return None)."""
     lead = not dist.is_initialized() or dist.get_rank() == 0
@@ -482,7 +540,9 @@ def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, base_mod
     model.train()
     engine = make_engine(model, config)
     progress = Progress(stage, total_steps(len(train_rows), config), unit="steps") if lead else None
-    state = train(model, train_rows, val_rows, config, objective, Checkpoints(ctx.store(), stage, key), progress, engine)
+    state = train(
+        model, train_rows, val_rows, config, objective, Checkpoints(ctx.store(), stage, key), progress, engine
+    )
     model = engine.trained_model(lambda: prepare_model(model_dir, config)[0])
     if not lead:
         return None
@@ -491,5 +551,9 @@ def fit_on_rank(ctx: RunContext, stage: str, key: str, model_dir: Path, base_mod
     after = evaluate(model, eval_rows, config, objective)
     scratch = Path(tempfile.mkdtemp(prefix=f"alignflow-{stage}-"))
     dirs = save_models(model, tokenizer, config, scratch, base_model)
-    return StageOutput(tables=[pa.Table.from_pylist(state.log)], dirs=dirs,
-                       metrics=training_metrics(before, after, state, train_rows, val_rows), scratch=scratch)
+    return StageOutput(
+        tables=[pa.Table.from_pylist(state.log)],
+        dirs=dirs,
+        metrics=training_metrics(before, after, state, train_rows, val_rows),
+        scratch=scratch,
+    )

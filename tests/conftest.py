@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated Prefect home (set before Prefect is imported), a
 tiny random Llama with a real byte-level BPE tokenizer, the GENIES test data.
 What tests import (builders, configs, runners) lives in helpers.py."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,6 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
-
 from helpers import GENIES_SHARED, GENIES_TEST_DISTRIBUTIONS, build_tiny_model, require_shared  # noqa: E402
 
 

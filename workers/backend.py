@@ -1,5 +1,6 @@
 """The interface every model backend implements (hf, vllm), and the one place a
 stage gets its backend from (``shared_backend``)."""
+
 from __future__ import annotations
 
 import gc
@@ -39,8 +40,9 @@ class Backend(Protocol):
     tokenizer: object
     stop_ids: list[int]  # the end-of-turn token ids generation stops on
 
-    def generate(self, prompts: list[list[int]], params: GenerationParams, seeds: list[int],
-                 progress=None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], params: GenerationParams, seeds: list[int], progress=None
+    ) -> list[list[Completion]]:
         """n completions per prompt; seeds[i] makes prompt i's samples reproducible
         regardless of which other prompts share its batch. ``progress(k)``: k more rows done."""
 
@@ -61,8 +63,14 @@ _loaded: dict[tuple, Backend] = {}  # this process's one loaded inference model
 _loaded_lock = threading.Lock()
 
 
-def shared_backend(kind: str, model_dir: Path, dtype: str = "float32", tensor_parallel_size: int = 1,
-                   batch_size: int = 16, token_budget: int = 4096) -> Backend:
+def shared_backend(
+    kind: str,
+    model_dir: Path,
+    dtype: str = "float32",
+    tensor_parallel_size: int = 1,
+    batch_size: int = 16,
+    token_budget: int = 4096,
+) -> Backend:
     """The backend a stage config names, loaded once per process: every shard and
     every later stage that asks for the same model reuses it (a Ray actor serves a
     whole flow run's shards from one load). A process holds one model at a time:

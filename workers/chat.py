@@ -1,5 +1,6 @@
 """Chat-template rendering shared by every stage, so sampling, judging, reference
 log-probs and training all see the same prompt tokens."""
+
 from __future__ import annotations
 
 
@@ -33,9 +34,11 @@ def response_ids(tokenizer, content: str, response: str, end_of_turn: list[int])
     """Tokens of ``response`` as the assistant turn after ``content``, ending with
     the end-of-turn token (what follows it in the template is not scored)."""
     prompt = prompt_ids(tokenizer, content)
-    full = _ids(tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
-    ))
+    full = _ids(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
+        )
+    )
     if full[: len(prompt)] != prompt:
         raise ValueError("chat template renders the prompt differently with and without a reply")
     tail = full[len(prompt) :]
@@ -52,14 +55,22 @@ def fit_response(ids: list[int], max_tokens: int | None) -> list[int]:
     return ids[: max_tokens - 1] + ids[-1:]
 
 
-def encode_pair(tokenizer, pair: dict, end_of_turn: list[int], max_prompt_tokens: int | None,
-                max_response_tokens: int | None) -> dict:
+def encode_pair(
+    tokenizer, pair: dict, end_of_turn: list[int], max_prompt_tokens: int | None, max_response_tokens: int | None
+) -> dict:
     """Token ids of a preference pair's prompt, chosen and rejected turns, fitted to the limits."""
-    content, prompt, _ = fit_prompt(tokenizer, pair["prompt"], max_prompt_tokens) if max_prompt_tokens else (
-        pair["prompt"], prompt_ids(tokenizer, pair["prompt"]), False)
-    return {"prompt_ids": prompt,
-            **{f"{side}_ids": fit_response(response_ids(tokenizer, content, pair[side], end_of_turn), max_response_tokens)
-               for side in ("chosen", "rejected")}}
+    content, prompt, _ = (
+        fit_prompt(tokenizer, pair["prompt"], max_prompt_tokens)
+        if max_prompt_tokens
+        else (pair["prompt"], prompt_ids(tokenizer, pair["prompt"]), False)
+    )
+    return {
+        "prompt_ids": prompt,
+        **{
+            f"{side}_ids": fit_response(response_ids(tokenizer, content, pair[side], end_of_turn), max_response_tokens)
+            for side in ("chosen", "rejected")
+        },
+    }
 
 
 def end_of_turn_ids(tokenizer, model) -> list[int]:

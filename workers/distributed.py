@@ -8,6 +8,7 @@ job's GPUs (NCCL's peer-to-peer paths need that), its own as cuda:LOCAL_RANK; CP
 ranks take a fraction of a core each, so they fit beside the stage actor that
 launched them.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ import socket
 
 CPUS_PER_RANK = 0.5
 PLACEMENT_TIMEOUT_S = 120
-FORWARDED_ENV = ("ALIGNFLOW_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM",
-                 "TORCH_EXTENSIONS_DIR")
+FORWARDED_ENV = (
+    "ALIGNFLOW_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_VERBOSITY",
+    "TOKENIZERS_PARALLELISM",
+    "TORCH_EXTENSIONS_DIR",
+)
 
 
 class Rank:
@@ -25,8 +31,11 @@ class Rank:
     def where(self) -> dict:
         import ray
 
-        return {"ip": ray.util.get_node_ip_address(), "node": ray.get_runtime_context().get_node_id(),
-                "gpus": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "ip": ray.util.get_node_ip_address(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+        }
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -61,9 +70,17 @@ def rank_envs(master_addr: str, master_port: int, gpu_ids: list[str], world_size
     ``gpu_ids``: the GPU Ray gave each rank, in rank order; every rank sees them in that
     order, so rank i's own GPU is cuda:i. Without them the ranks see no GPU at all (Ray
     leaves CPU actors the node's), so they run on CPU whatever the node has."""
-    return [{"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-             "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids)}
-            for rank in range(world_size)]
+    return [
+        {
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
+        }
+        for rank in range(world_size)
+    ]
 
 
 def run_distributed(job, world_size: int, address: str | None = None):
@@ -85,8 +102,10 @@ def run_distributed(job, world_size: int, address: str | None = None):
         ranks = _start_ranks(group, world_size, bundle)
         where = ray.get([r.where.remote() for r in ranks])
         if any(w["node"] != here for w in where):
-            raise RuntimeError(f"the {world_size} ranks did not fit on this node ({here}), where rank 0 must write "
-                               f"the trained model: free {world_size} x {bundle} here")
+            raise RuntimeError(
+                f"the {world_size} ranks did not fit on this node ({here}), where rank 0 must write "
+                f"the trained model: free {world_size} x {bundle} here"
+            )
         port = ray.get(ranks[0].free_port.remote())
         envs = rank_envs(where[0]["ip"], port, [w["gpus"][0] for w in where if w["gpus"]], world_size)
         job_ref = ray.put(job)
@@ -106,8 +125,10 @@ def _wait_placed(group, world_size: int, bundle: dict) -> None:
     try:
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except GetTimeoutError:
-        raise RuntimeError(f"no node had room for {world_size} ranks of {bundle} within {PLACEMENT_TIMEOUT_S} s "
-                           f"(cluster: {ray.available_resources()} free)") from None
+        raise RuntimeError(
+            f"no node had room for {world_size} ranks of {bundle} within {PLACEMENT_TIMEOUT_S} s "
+            f"(cluster: {ray.available_resources()} free)"
+        ) from None
 
 
 def _start_ranks(group, world_size: int, bundle: dict) -> list:
@@ -115,10 +136,17 @@ def _start_ranks(group, world_size: int, bundle: dict) -> list:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return [ray.remote(Rank).options(
-        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env={"env_vars": env},
-        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote()
-        for i in range(world_size)]
+    return [
+        ray.remote(Rank)
+        .options(
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        )
+        .remote()
+        for i in range(world_size)
+    ]
 
 
 def _wait_all(runs: list) -> None:

@@ -5,6 +5,7 @@ with bf16, CPUs with AVX512-BF16 or AMX); elsewhere torch emulates it, several t
 slower than float32 (an AVX2-only CPU). "auto" is resolved once when a flow starts, so
 stage keys and manifests carry the dtype actually used.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,8 +48,11 @@ def resolve_dtype(dtype: str, device: Device = "cpu") -> str:
     if dtype == "auto":
         return "bfloat16" if native_bf16(device) else "float32"
     if dtype == "bfloat16" and device == "cpu" and not native_bf16("cpu"):
-        warnings.warn("dtype bfloat16: this CPU has no AVX512-BF16/AMX and emulates it, several times slower than "
-                      "float32; use dtype: auto")  # one location: shown once per process
+        warnings.warn(
+            "dtype bfloat16: this CPU has no AVX512-BF16/AMX and emulates it, several times slower than "
+            "float32; use dtype: auto",
+            stacklevel=2,
+        )  # one location: shown once per process
     return dtype
 
 

@@ -5,6 +5,7 @@ raw next-token distribution is seen exactly once: the sampled token's log-prob,
 the entropy and the top-k come from it without storing B x steps x vocab
 logits, and each row samples from its own seeded generator.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,12 @@ class HFBackend:
         cache = None
         for _ in range(params.max_new_tokens):
             out = self.model(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
             cache = out.past_key_values
             logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -102,7 +107,7 @@ class HFBackend:
         logits = self.model(input_ids=input_ids, logits_to_keep=last, **kwargs).logits[:, 0]
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _completion(self, record: "_StepRecord", params: GenerationParams) -> Completion:
+    def _completion(self, record: _StepRecord, params: GenerationParams) -> Completion:
         stopped = bool(record.tokens) and record.tokens[-1] in self.stop_ids
         text_ids = record.tokens[:-1] if stopped else record.tokens
         return Completion(
@@ -117,8 +122,9 @@ class HFBackend:
 
     # -- scoring --------------------------------------------------------------
     def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]], progress=None) -> list[float]:
-        return sequence_logprob_sums(self.model, self.tokenizer.pad_token_id, prompts, responses,
-                                     self.token_budget, progress)
+        return sequence_logprob_sums(
+            self.model, self.tokenizer.pad_token_id, prompts, responses, self.token_budget, progress
+        )
 
 
 class _StepRecord:

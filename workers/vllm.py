@@ -15,6 +15,7 @@ Log-probs are of the raw distribution, as in ``hf``: the engine runs with
 ``logprobs_mode="raw_logprobs"`` (vLLM 0.32's default, set explicitly), the
 log_softmax of the logits before temperature, top-p and penalties.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,13 +37,15 @@ class VLLMBackend:
         model = SimpleNamespace(generation_config=_generation_config(model_dir))
         self.stop_ids = end_of_turn_ids(self.tokenizer, model)
         self.llm = LLM(
-            model=str(model_dir), dtype=resolve_dtype(dtype, local_device()),
+            model=str(model_dir),
+            dtype=resolve_dtype(dtype, local_device()),
             tensor_parallel_size=tensor_parallel_size,
             # the judge's comparisons of one prompt share rules, instruction and reference: computed once
             enable_prefix_caching=True,
             # CUDA graphs pay off on GPUs; on CPU, torch.compile adds over a minute to each engine start
             enforce_eager=not torch.cuda.is_available(),
-            logprobs_mode="raw_logprobs", max_logprobs=-1,  # -1: up to the whole vocabulary, like hf's top-k
+            logprobs_mode="raw_logprobs",
+            max_logprobs=-1,  # -1: up to the whole vocabulary, like hf's top-k
             # tensor-parallel workers as local processes on the devices this process sees (inside a Ray
             # actor vLLM would otherwise ask Ray for GPUs its own replica already holds)
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
@@ -59,23 +62,28 @@ class VLLMBackend:
             raise NotImplementedError(
                 "per-step entropies (GenerationParams.entropies, sample.cot) need the whole next-token "
                 "distribution; vLLM returns it only as full-vocabulary log-probs (logprobs=-1), a Python list "
-                "of vocabulary size per generated token (megabytes per token for SmolLM2); use backend: hf")
+                "of vocabulary size per generated token (megabytes per token for SmolLM2); use backend: hf"
+            )
         # vLLM refuses n > 1 when greedy; the n greedy continuations are one continuation n times
         copies = params.n if params.temperature == 0 else 1
         outputs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
-            [self._sampling_params(params, params.n // copies, seed) for seed in seeds], use_tqdm=False,
+            [self._sampling_params(params, params.n // copies, seed) for seed in seeds],
+            use_tqdm=False,
         )
         if progress:
             progress(len(prompts) * params.n)
-        return [[self._completion(c, params) for c in sorted(o.outputs, key=lambda c: c.index) for _ in range(copies)]
-                for o in outputs]
+        return [
+            [self._completion(c, params) for c in sorted(o.outputs, key=lambda c: c.index) for _ in range(copies)]
+            for o in outputs
+        ]
 
     def next_token(self, groups: list[list[list[int]]], top_logprobs: int, progress=None) -> list[list[Completion]]:
         """One greedy token per prompt of each group; the engine's prefix caching reuses a group's shared prefix."""
         params = GenerationParams(temperature=0.0, max_new_tokens=1, top_logprobs=top_logprobs)
-        flat = self.generate([p for prompts in groups for p in prompts], params, seeds=[0] * sum(map(len, groups)),
-                             progress=progress)
+        flat = self.generate(
+            [p for prompts in groups for p in prompts], params, seeds=[0] * sum(map(len, groups)), progress=progress
+        )
         return regroup([c[0] for c in flat], map(len, groups))
 
     def _sampling_params(self, params: GenerationParams, n: int, seed: int):
@@ -84,9 +92,15 @@ class VLLMBackend:
         # vLLM gives the j-th of a request's n samples the seed ``seed + j``: each prompt
         # samples the same candidates in any batch, as with hf's per-row generators
         return SamplingParams(
-            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            seed=seed, stop_token_ids=self.stop_ids, logprobs=min(params.top_logprobs, self.vocab_size),
-            detokenize=False, flat_logprobs=True,  # texts are decoded below exactly as hf decodes them
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=seed,
+            stop_token_ids=self.stop_ids,
+            logprobs=min(params.top_logprobs, self.vocab_size),
+            detokenize=False,
+            flat_logprobs=True,  # texts are decoded below exactly as hf decodes them
         )
 
     def _completion(self, output, params: GenerationParams) -> Completion:
@@ -116,10 +130,13 @@ class VLLMBackend:
 
         scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate(
-            [{"prompt_token_ids": p + r} for p, r in zip(prompts, responses)], scoring, use_tqdm=False)
+            [{"prompt_token_ids": p + r} for p, r in zip(prompts, responses)], scoring, use_tqdm=False
+        )
         # position i of the prompt log-probs scores token i of prompt + response
-        return [[o.prompt_logprobs[len(p) + i][token].logprob for i, token in enumerate(r)]
-                for o, p, r in zip(outputs, prompts, responses)]
+        return [
+            [o.prompt_logprobs[len(p) + i][token].logprob for i, token in enumerate(r)]
+            for o, p, r in zip(outputs, prompts, responses)
+        ]
 
 
 def _generation_config(model_dir: Path):

@@ -3,6 +3,7 @@
 Every module of this folder is imported here, so an intervention registers itself
 (``@register`` in base.py): adding one is adding a module, nothing else.
 """
+
 from __future__ import annotations
 
 import importlib

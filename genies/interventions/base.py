@@ -10,11 +10,13 @@ A built-in intervention is one module of this folder: a ``BuiltinIntervention``
 subclass decorated with ``@register(name, ConfigClass)``. Its config class lives
 beside it and validates the ``name:`` section of the GENIES config.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
 
@@ -40,8 +42,9 @@ class Intervention(Protocol):
     def train(self, base: Path, pairs: list[dict], out: Path, progress: Callable[[int], None] | None) -> dict:
         """Fit on ``pairs`` and write the state into ``out``; returns training metrics."""
 
-    def evaluate(self, base: Path, state: Path | None, pairs: list[dict],
-                 progress: Callable[[int], None] | None) -> Scores:
+    def evaluate(
+        self, base: Path, state: Path | None, pairs: list[dict], progress: Callable[[int], None] | None
+    ) -> Scores:
         """Score ``pairs`` with the trained state (None when ``trains`` is False)."""
 
 
@@ -79,10 +82,12 @@ REGISTRY: dict[str, Registration] = {}
 
 def register(name: str, config: type[BaseModel] | None = None):
     """Class decorator: a built-in intervention called ``name``, parameterised by ``config``."""
+
     def add(cls: type[BuiltinIntervention]) -> type[BuiltinIntervention]:
         if name in REGISTRY:
             raise ValueError(f"intervention '{name}' is registered twice: {REGISTRY[name].module} and {cls.__module__}")
         cls.name = name
         REGISTRY[name] = Registration(name, cls, config)
         return cls
+
     return add

@@ -1,6 +1,7 @@
 """dpo: train the policy on the source pairs with this project's DPO stage objective
 and training loop (``fit``); a response's score is its implicit reward
 beta * (log pi - log pi_ref)."""
+
 from __future__ import annotations
 
 import shutil
@@ -32,8 +33,14 @@ def dpo_rows(seqs: Sequences, pairs: list[dict]) -> list[dict]:
     for (a, b), pair in zip(seqs.pair_index, pairs):
         chosen, rejected = (a, b) if pair["preferred"] == 0 else (b, a)
         prompt = min(seqs.prompts[a], seqs.prompts[b], key=len)
-        rows.append({"prompt_id": pair["prompt"], "prompt_ids": prompt,
-                     "chosen_ids": seqs.responses[chosen], "rejected_ids": seqs.responses[rejected]})
+        rows.append(
+            {
+                "prompt_id": pair["prompt"],
+                "prompt_ids": prompt,
+                "chosen_ids": seqs.responses[chosen],
+                "rejected_ids": seqs.responses[rejected],
+            }
+        )
     return rows
 
 
@@ -52,8 +59,16 @@ class DPO(BuiltinIntervention):
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
         ctx, key = self.run  # checkpoints go under the genies_train stage's key
-        output = fit(ctx, "genies_train", key, base, pairs, self.config,
-                     lambda tokenizer: dpo_objective(self.config, tokenizer.pad_token_id), self._with_reference)
+        output = fit(
+            ctx,
+            "genies_train",
+            key,
+            base,
+            pairs,
+            self.config,
+            lambda tokenizer: dpo_objective(self.config, tokenizer.pad_token_id),
+            self._with_reference,
+        )
         for name, folder in output.dirs.items():
             shutil.move(folder, out / name)
         shutil.rmtree(output.scratch, ignore_errors=True)
@@ -78,5 +93,6 @@ class DPO(BuiltinIntervention):
         return Scores(p_a=probs_from_scores(*seqs.pair_scores(rewards)))
 
     def _sums(self, model, tokenizer, seqs: Sequences, progress) -> list[float]:
-        return sequence_logprob_sums(model, tokenizer.pad_token_id, seqs.prompts, seqs.responses,
-                                     self.scoring.token_budget, progress)
+        return sequence_logprob_sums(
+            model, tokenizer.pad_token_id, seqs.prompts, seqs.responses, self.scoring.token_budget, progress
+        )

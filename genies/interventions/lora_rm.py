@@ -1,5 +1,6 @@
 """lora_reward_model: a scalar head on the decoder's last-token state, trained with
 LoRA and the Bradley-Terry loss -log sigmoid(r_preferred - r_dispreferred)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from pydantic import Field
 
 from alignflow.config import LoraConfig, Strict
@@ -44,8 +44,12 @@ class RewardModel(torch.nn.Module):
 def with_lora(backbone, config: LoraRewardConfig):
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=list(config.lora.target_modules))
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+    )
     return get_peft_model(backbone, lora)
 
 
@@ -77,8 +81,10 @@ class LoraRewardModel(BuiltinIntervention):
         losses = []
         for step in range(self.config.steps):
             chosen = torch.randint(len(order), (min(self.config.batch_size, len(order)),), generator=generator).tolist()
-            r = rewards(model, seqs, [order[i][0] for i in chosen] + [order[i][1] for i in chosen], tokenizer.pad_token_id)
-            loss = -F.logsigmoid(r[: len(chosen)] - r[len(chosen):]).mean()
+            r = rewards(
+                model, seqs, [order[i][0] for i in chosen] + [order[i][1] for i in chosen], tokenizer.pad_token_id
+            )
+            loss = -F.logsigmoid(r[: len(chosen)] - r[len(chosen) :]).mean()
             for group in optimizer.param_groups:
                 group["lr"] = self.config.lr * lr_factor(step, self.config.steps, warmup)
             optimizer.zero_grad(set_to_none=True)
@@ -104,6 +110,12 @@ class LoraRewardModel(BuiltinIntervention):
         model.eval()
         seqs = encode_pairs(tokenizer, pairs, self.scoring.max_tokens)
         advance = per_pair_progress(progress, len(seqs.prompts), len(pairs))
-        values = map_batches(lambda batch: model(batch).tolist(), seqs.prompts, seqs.responses,
-                             tokenizer.pad_token_id, self.scoring.token_budget, advance)
+        values = map_batches(
+            lambda batch: model(batch).tolist(),
+            seqs.prompts,
+            seqs.responses,
+            tokenizer.pad_token_id,
+            self.scoring.token_budget,
+            advance,
+        )
         return Scores(p_a=probs_from_scores(*seqs.pair_scores(values)))

@@ -6,6 +6,7 @@ Layers are ranked by probe accuracy on held-out training pairs and the top k
 kept. A pair's score is s = 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d));
 P(B preferred) = sigmoid(w (s - 1/2)) with w fitted on the held-out pairs.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from pydantic import Field
 
 from alignflow.config import GeniesScoringConfig, Strict
@@ -35,8 +35,14 @@ def sequence_states(model, tokenizer, pairs: list[dict], scoring: GeniesScoringC
     """(rows x layers x hidden activations of every distinct sequence, per-pair indices)."""
     seqs = encode_pairs(tokenizer, pairs, scoring.max_tokens)
     progress = per_pair_progress(progress, len(seqs.prompts), len(pairs))
-    states = map_batches(lambda batch: last_token_states(model, batch), seqs.prompts, seqs.responses,
-                         tokenizer.pad_token_id, scoring.token_budget, progress)
+    states = map_batches(
+        lambda batch: last_token_states(model, batch),
+        seqs.prompts,
+        seqs.responses,
+        tokenizer.pad_token_id,
+        scoring.token_budget,
+        progress,
+    )
     return torch.stack(states), torch.tensor(seqs.pair_index)
 
 
@@ -98,8 +104,13 @@ class MassMeanShift(BuiltinIntervention):
         y = torch.tensor([float(p["preferred"] == 1) for p, h in zip(pairs, held.tolist()) if h])
         weight = fit_slope(x, y)
         torch.save({"layers": layers, "directions": directions[layers]}, out / "directions.pt")
-        state = {"layers": layers.tolist(), "layer_accuracy": [round(float(a), 4) for a in accuracy],
-                 "weight": weight, "fit_pairs": int(fit.sum()), "held_out_pairs": int(held.sum())}
+        state = {
+            "layers": layers.tolist(),
+            "layer_accuracy": [round(float(a), 4) for a in accuracy],
+            "weight": weight,
+            "fit_pairs": int(fit.sum()),
+            "held_out_pairs": int(held.sum()),
+        }
         (out / "probe.json").write_text(json.dumps(state, indent=1))
         return {"held_out_accuracy_best_layer": float(accuracy.max()), "layers": len(layers)}
 

@@ -7,6 +7,7 @@ Each eval output is a JSON object with at least ``eval_accuracy``. A folder
 without train.py is evaluated on the base model. The scripts see the (capped)
 pairs written back into the release layout: ``<name>/{train,test}.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,13 @@ def write_distribution(root: Path, pairs: list[dict], split: str) -> Path:
 def read_accuracy(path: Path) -> tuple[float, dict]:
     result = read_json(path, "eval.py wrote no result file")
     if not isinstance(result, dict) or not isinstance(result.get("eval_accuracy"), (int, float)):
-        raise GeniesDataError(f"{path}: no numeric 'eval_accuracy' (keys: {sorted(result) if isinstance(result, dict) else type(result).__name__})")
+        raise GeniesDataError(f"{path}: no numeric 'eval_accuracy' (keys: {_keys_or_type(result)})")
     extra = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "eval_accuracy"}
     return float(result["eval_accuracy"]), extra
+
+
+def _keys_or_type(result) -> str:
+    return str(sorted(result)) if isinstance(result, dict) else type(result).__name__
 
 
 class ScriptIntervention:
@@ -52,13 +57,24 @@ class ScriptIntervention:
         self.name = name
         self.folder = Path(folder).expanduser().resolve()
         if not (self.folder / "eval.py").is_file():
-            raise GeniesDataError(f"intervention '{name}': {self.folder} has no eval.py (the script contract needs eval.py, optionally train.py)")
+            raise GeniesDataError(
+                f"intervention '{name}': {self.folder} has no eval.py "
+                "(the script contract needs eval.py, optionally train.py)"
+            )
         self.trains = (self.folder / "train.py").is_file()
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="genies-train-") as tmp:
             dist = write_distribution(Path(tmp), pairs, "train")
-            self._run("train.py", "--model_dir", str(base), "--train_distribution", str(dist), "--output_dir", str(out / "model"))
+            self._run(
+                "train.py",
+                "--model_dir",
+                str(base),
+                "--train_distribution",
+                str(dist),
+                "--output_dir",
+                str(out / "model"),
+            )
         return {}
 
     def evaluate(self, base: Path, state: Path | None, pairs: list[dict], progress=None) -> Scores:
@@ -66,13 +82,22 @@ class ScriptIntervention:
         with tempfile.TemporaryDirectory(prefix="genies-eval-") as tmp:
             dist = write_distribution(Path(tmp) / "distributions", pairs, "test")
             result = Path(tmp) / "result.json"
-            self._run("eval.py", "--model_dir", str(model_dir), "--distribution_dirs", str(dist), "--output_paths", str(result))
+            self._run(
+                "eval.py",
+                "--model_dir",
+                str(model_dir),
+                "--distribution_dirs",
+                str(dist),
+                "--output_paths",
+                str(result),
+            )
             accuracy, extra = read_accuracy(result)
         return Scores(accuracy=accuracy, extra=extra)
 
     def _run(self, script: str, *args: str) -> None:
-        done = subprocess.run([sys.executable, str(self.folder / script), *args], cwd=self.folder,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(self.folder / script), *args], cwd=self.folder, capture_output=True, text=True
+        )
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
             raise RuntimeError(f"intervention '{self.name}': {script} exited with {done.returncode}: {tail}")

@@ -1,6 +1,7 @@
 """zero_shot and few_shot: score = summed log-prob of response + EOS given the
 prompt; P(A preferred) = softmax over the two scores. few_shot prepends k
 source examples (prompt + preferred response) to every prompt."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,26 @@ from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import sequence_logprob_sums
 
 
-def response_logprobs(model, tokenizer, pairs: list[dict], scoring: GeniesScoringConfig,
-                      prefix: list[int] = (), progress=None) -> tuple[list[float], list[float]]:
+def response_logprobs(
+    model, tokenizer, pairs: list[dict], scoring: GeniesScoringConfig, prefix: list[int] = (), progress=None
+) -> tuple[list[float], list[float]]:
     """Summed log-prob of response A and of response B of every pair (after ``prefix``)."""
     seqs = encode_pairs(tokenizer, pairs, scoring.max_tokens, bos=not prefix)
-    sums = sequence_logprob_sums(model, tokenizer.pad_token_id, seqs.prompts, seqs.responses, scoring.token_budget,
-                                 per_pair_progress(progress, len(seqs.prompts), len(pairs)), prefix)
+    sums = sequence_logprob_sums(
+        model,
+        tokenizer.pad_token_id,
+        seqs.prompts,
+        seqs.responses,
+        scoring.token_budget,
+        per_pair_progress(progress, len(seqs.prompts), len(pairs)),
+        prefix,
+    )
     return seqs.pair_scores(sums)
 
 
-def evaluate_logprobs(base: Path, pairs: list[dict], scoring: GeniesScoringConfig, prefix: str, progress,
-                      max_prefix_tokens: int = 0) -> Scores:
+def evaluate_logprobs(
+    base: Path, pairs: list[dict], scoring: GeniesScoringConfig, prefix: str, progress, max_prefix_tokens: int = 0
+) -> Scores:
     model, tokenizer = load_causal_lm(base, scoring.dtype)
     prefix_ids = tokenizer(prefix)["input_ids"][-max_prefix_tokens:] if prefix else []
     a, b = response_logprobs(model, tokenizer, pairs, scoring, prefix_ids, progress)

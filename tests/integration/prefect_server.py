@@ -2,6 +2,7 @@
 and a free port, with its own PREFECT_HOME, shared by the session and stopped at
 its end. Test modules load it with ``pytest_plugins = ["prefect_server"]`` (a
 fixture imported into two modules would start two servers)."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -82,11 +84,20 @@ def prefect_server(tmp_path_factory) -> PrefectServer:
     port = free_port()
     server = PrefectServer(url=f"http://127.0.0.1:{port}", home=home)
     # the UI asks the API at PREFECT_UI_API_URL, which does not follow --port
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": server.api_url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_UI_API_URL": server.api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: _healthy(server.url) or proc.poll() is not None, 120, "prefect server start")
         assert proc.poll() is None, f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}"

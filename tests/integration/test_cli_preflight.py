@@ -1,6 +1,7 @@
 """Bad input is caught before Prefect starts a flow run (alignflow/preflight.py): the real
 CLI in a subprocess prints one line naming the file, exits 2 and leaves no Prefect
 database behind; --traceback shows the traceback the line hides."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ import pytest
 
 def alignflow(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # Prefect's home is --home's
-    return subprocess.run([sys.executable, "-m", "alignflow.cli", *args, "--home", str(home)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "alignflow.cli", *args, "--home", str(home)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_line_before_any_flow_run(done: subprocess.CompletedProcess, home: Path, expected: str) -> None:

@@ -2,6 +2,7 @@
 cluster, gloo) train the tiny model with DPO step for step as one process does,
 rank 0's checkpoint resumes to the same result, and bf16 ZeRO-2 runs on CUDA
 where a GPU is present."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,17 @@ PAIRS = 18
 # 13 training pairs in global batches of 6 (3 per rank, as micro-batches of 2 and 1): the
 # last step has one pair, so one rank trains on a stand-in row with weight 0. A low clipping
 # norm makes DeepSpeed's clipping (not torch's) shape some of the steps.
-CONFIG = {"lr": 1e-2, "batch_size": 2, "grad_accum": 3, "epochs": 2, "val_fraction": 0.25, "eval_every": 2,
-          "checkpoint_every": 3, "max_grad_norm": 0.2, "lora": {"r": 4, "alpha": 8}}
+CONFIG = {
+    "lr": 1e-2,
+    "batch_size": 2,
+    "grad_accum": 3,
+    "epochs": 2,
+    "val_fraction": 0.25,
+    "eval_every": 2,
+    "checkpoint_every": 3,
+    "max_grad_norm": 0.2,
+    "lora": {"r": 4, "alpha": 8},
+}
 ZERO2 = {"strategy": "zero2", "world_size": 2}
 # Two ranks add float32 gradients in another order than one process (each rank's share, then
 # gloo's all-reduce) and run their matmuls on one thread, not two: measured, the losses and
@@ -71,10 +81,22 @@ def _pairs(model_dir: Path) -> list[dict]:
         return torch.randint(10, len(tokenizer) - 3, (n,), generator=g).tolist()
 
     eos = tokenizer.eos_token_id
-    rows = [{"prompt_id": f"p{i}", "prompt_ids": tokens(6 + i % 5), "chosen_ids": tokens(3 + i % 4) + [eos],
-             "rejected_ids": tokens(2 + i % 3) + [eos]} for i in range(PAIRS)]
-    sums = sequence_logprob_sums(model, tokenizer.pad_token_id, [r["prompt_ids"] for r in rows] * 2,
-                                 [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], 4096)
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "prompt_ids": tokens(6 + i % 5),
+            "chosen_ids": tokens(3 + i % 4) + [eos],
+            "rejected_ids": tokens(2 + i % 3) + [eos],
+        }
+        for i in range(PAIRS)
+    ]
+    sums = sequence_logprob_sums(
+        model,
+        tokenizer.pad_token_id,
+        [r["prompt_ids"] for r in rows] * 2,
+        [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
+        4096,
+    )
     for i, row in enumerate(rows):
         row["chosen_logp"], row["rejected_logp"] = sums[i], sums[PAIRS + i]
     return rows

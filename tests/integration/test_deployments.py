@@ -2,6 +2,7 @@
 running flow runs created through the API, a stage failed once by an injected fault
 and `alignflow resume`, and the trigger that evaluates a completed training run's
 model on GENIES."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("prefect_server")  # imported here before pytest_plugins loads it
-from alignflow.storage.artifacts import ArtifactStore
-from helpers import tiny_config_data
-from prefect_server import ALIGNFLOW, stop, wait_for
+from helpers import tiny_config_data  # noqa: E402
+from prefect_server import ALIGNFLOW, stop, wait_for  # noqa: E402
+
+from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
 
 pytest_plugins = ["prefect_server"]
 
@@ -26,7 +28,9 @@ SHIFTS = [{"source": "alpaca_mmlu", "target": "alpaca_short", "label": "extreme"
 
 
 def alignflow(server, *args: str) -> str:
-    done = subprocess.run([*ALIGNFLOW, *args], env=server.env(), capture_output=True, text=True, check=False, timeout=180)
+    done = subprocess.run(
+        [*ALIGNFLOW, *args], env=server.env(), capture_output=True, text=True, check=False, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -36,6 +40,7 @@ def finished_run(server, run_id, timeout: float = 150):
         with server.client() as client:
             run = client.read_flow_run(run_id)
         return run if run.state and run.state.is_final() else None
+
     return wait_for(check, timeout, f"flow run {run_id} to finish")
 
 
@@ -47,12 +52,15 @@ def task_states(server, run_id, expected: set[str]) -> dict[str, list[str]]:
 
     def check():
         with server.client() as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
-                                         sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            )
         states = {}
         for r in runs:
             states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
         return states if expected <= set(states) and all(r.state.is_final() for r in runs) else None
+
     return wait_for(check, 30, f"task runs {sorted(expected)} of flow run {run_id}")
 
 
@@ -81,12 +89,27 @@ def deployed(prefect_server, tiny_model_dir, genies_data_dir, home) -> dict[str,
     """`alignflow deploy` with the tiny model's configs as the deployments' defaults; name -> id."""
     training = tiny_config_data(tiny_model_dir, home)
     (home / "shifts.json").write_text(json.dumps(SHIFTS))
-    genies = {"data_dir": str(genies_data_dir), "shifts": str(home / "shifts.json"), "interventions": [],
-              "max_train_pairs": 4, "max_eval_pairs": 4, "scoring": {"max_tokens": 128}, "paths": {"home": str(home)}}
+    genies = {
+        "data_dir": str(genies_data_dir),
+        "shifts": str(home / "shifts.json"),
+        "interventions": [],
+        "max_train_pairs": 4,
+        "max_eval_pairs": 4,
+        "scoring": {"max_tokens": 128},
+        "paths": {"home": str(home)},
+    }
     (home / "self-improve.json").write_text(json.dumps(training))
     (home / "pipeline.json").write_text(json.dumps({"training": training, "genies": genies}))
-    out = alignflow(prefect_server, "deploy", "--pool", POOL, "--config", f"self-improve={home / 'self-improve.json'}",
-                    "--config", f"pipeline={home / 'pipeline.json'}")
+    out = alignflow(
+        prefect_server,
+        "deploy",
+        "--pool",
+        POOL,
+        "--config",
+        f"self-improve={home / 'self-improve.json'}",
+        "--config",
+        f"pipeline={home / 'pipeline.json'}",
+    )
     return dict(re.findall(r"^(\S+/\S+): (\S+)$", out, re.MULTILINE))
 
 
@@ -95,8 +118,9 @@ def worker(prefect_server, deployed, home):
     """`alignflow worker` polling every second, for the module's flow runs."""
     log = open(home / "worker.log", "w")
     env = prefect_server.env(PREFECT_WORKER_QUERY_SECONDS="1")
-    proc = subprocess.Popen([*ALIGNFLOW, "worker", "--pool", POOL], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*ALIGNFLOW, "worker", "--pool", POOL], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     yield proc
     stop(proc)
     log.close()
@@ -109,7 +133,8 @@ def failed_run(prefect_server, deployed, worker, home):
     with prefect_server.client() as client:
         run = client.create_flow_run_from_deployment(
             deployed["self-improve/self-improve"],
-            job_variables={"env": {"ALIGNFLOW_FAIL_ONCE": f"{FAILING_STAGE}:{marker}"}})
+            job_variables={"env": {"ALIGNFLOW_FAIL_ONCE": f"{FAILING_STAGE}:{marker}"}},
+        )
     run = finished_run(prefect_server, run.id)
     states = task_states(prefect_server, run.id, {*BEFORE_FAILURE, FAILING_STAGE})
     committed = {m["stage"]: m["created_at"] for m in ArtifactStore(str(home / "artifacts")).committed()}
@@ -145,12 +170,13 @@ def test_deploy_registers_every_flow_with_typed_parameters_a_schedule_and_the_tr
 
 def test_deploy_creates_the_zombie_detection_automation_once(prefect_server, deployed):
     """Runs whose heartbeats stop are marked Crashed; deploying again updates the automation, never doubles it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from alignflow.deployments.deploy import (
         ZOMBIE_AFTER,
         ZOMBIE_AUTOMATION,
         ensure_zombie_detection,
     )
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
         again = ensure_zombie_detection()
@@ -160,18 +186,31 @@ def test_deploy_creates_the_zombie_detection_automation_once(prefect_server, dep
     assert automation.id == again and automation.enabled
     assert (trigger.posture, trigger.threshold, trigger.within) == ("Proactive", 1, ZOMBIE_AFTER)
     assert trigger.after == {"prefect.flow-run.heartbeat"} and trigger.for_each == {"prefect.resource.id"}
-    assert trigger.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                              "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    assert trigger.expect == {
+        "prefect.flow-run.heartbeat",
+        "prefect.flow-run.Completed",
+        "prefect.flow-run.Failed",
+        "prefect.flow-run.Cancelled",
+        "prefect.flow-run.Crashed",
+    }
     [action] = automation.actions
     assert (action.type, action.state.value) == ("change-flow-run-state", "CRASHED")
 
 
 def test_deploy_without_a_server_is_a_one_line_error(prefect_server):
-    done = subprocess.run([*ALIGNFLOW, "deploy"], env={**prefect_server.env(), "PREFECT_API_URL": ""},
-                          capture_output=True, text=True, check=False, timeout=60)
+    done = subprocess.run(
+        [*ALIGNFLOW, "deploy"],
+        env={**prefect_server.env(), "PREFECT_API_URL": ""},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: no Prefect server: set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api "
-                                   "(start one with `prefect server start`)")
+    assert done.stderr.strip() == (
+        "error: no Prefect server: set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api "
+        "(start one with `prefect server start`)"
+    )
 
 
 def test_injected_fault_fails_the_run_at_that_stage(failed_run, tiny_model_dir):
@@ -194,13 +233,14 @@ def test_resume_reruns_only_the_failed_stage_and_its_successors(resumed_run, fai
     assert set(FROM_FAILURE) <= set(committed)
 
 
-def test_resume_runs_a_run_without_deployment_in_the_resuming_process(prefect_server, tiny_model_dir, tmp_path,
-                                                                      monkeypatch):
-    from alignflow.flows.self_improve import self_improve
+def test_resume_runs_a_run_without_deployment_in_the_resuming_process(
+    prefect_server, tiny_model_dir, tmp_path, monkeypatch
+):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from alignflow.cli import main
     from alignflow.config import SelfImproveConfig
+    from alignflow.flows.self_improve import self_improve
 
     monkeypatch.setenv("ALIGNFLOW_FAIL_ONCE", f"{FAILING_STAGE}:{tmp_path / 'failed-once'}")
     config = SelfImproveConfig.model_validate(tiny_config_data(tiny_model_dir, tmp_path))
@@ -214,8 +254,9 @@ def test_resume_runs_a_run_without_deployment_in_the_resuming_process(prefect_se
     assert_resumed_from_the_failed_stage(states)
 
 
-def test_the_run_publishes_stage_tables_progress_and_a_summary_linking_every_artifact(prefect_server, resumed_run,
-                                                                                      home):
+def test_the_run_publishes_stage_tables_progress_and_a_summary_linking_every_artifact(
+    prefect_server, resumed_run, home
+):
     run, _ = resumed_run
     artifacts = artifacts_of(prefect_server, run.id)
     by_type = {}
@@ -242,16 +283,19 @@ def test_a_completed_training_run_triggers_genies_on_its_model(prefect_server, d
 
     def triggered():
         with prefect_server.client() as client:
-            return client.read_flow_runs(deployment_filter=DeploymentFilter(
-                id=DeploymentFilterId(any_=[deployed["pipeline/pipeline"]])))
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed["pipeline/pipeline"]]))
+            )
+
     [pipeline_run] = wait_for(triggered, 60, "the trigger to create a pipeline run")
     assert pipeline_run.parameters["config"]["training"] == training_run.parameters["config"]
 
     pipeline_run = finished_run(prefect_server, pipeline_run.id)
     assert pipeline_run.state.is_completed(), pipeline_run.state
     with prefect_server.client() as client:
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run.id])))
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run.id]))
+        )
         by_flow = {client.read_flow(r.flow_id).name: r for r in subflows}
     training = task_states(prefect_server, by_flow["self-improve"].id, {*BEFORE_FAILURE, *FROM_FAILURE})
     assert all(training[stage] == ["Cached"] for stage in BEFORE_FAILURE + FROM_FAILURE), training

@@ -1,6 +1,7 @@
 """The gem flow end to end on the tiny model and real GENIES distributions, under
 ephemeral Prefect: every stage committed, the comparison table, the cached re-run,
 what a config change re-runs, and bad input through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from helpers import gem_config_data, run_with_task_runs
 from alignflow.config import ConfigError, GemConfig, load_config
 from alignflow.storage.artifacts import ArtifactStore
 
-STAGES = ["preferences", "train_sft", "sample", "entropy", "entropy_pairs", "train_sega", "logprobs", "train_dpo",
-          "pref_accuracy"]
+STAGES = [
+    "preferences",
+    "train_sft",
+    "sample",
+    "entropy",
+    "entropy_pairs",
+    "train_sega",
+    "logprobs",
+    "train_dpo",
+    "pref_accuracy",
+]
 
 
 def run_gem(config: GemConfig):
@@ -42,9 +52,15 @@ def test_every_stage_commits_and_the_models_are_compared(first_run):
     store = ArtifactStore(config.paths.resolved().artifact_root)
     assert set(STAGES) <= {m["stage"] for m in store.committed()}
     rows = {(r["model"], r["reward"]): r for r in summary["accuracy"]}
-    assert set(rows) == {("base", "log pi"), ("sft", "log pi"), ("gem", "log pi"), ("dpo", "log pi"),
-                         ("sft", "log pi - log pi_base"), ("gem", "log pi - log pi_base"),
-                         ("dpo", "log pi - log pi_base")}
+    assert set(rows) == {
+        ("base", "log pi"),
+        ("sft", "log pi"),
+        ("gem", "log pi"),
+        ("dpo", "log pi"),
+        ("sft", "log pi - log pi_base"),
+        ("gem", "log pi - log pi_base"),
+        ("dpo", "log pi - log pi_base"),
+    }
     for row in rows.values():
         assert row["mmlu pairs"] == 4 and row["arc_easy pairs"] == 4
         assert 0.0 <= row["mmlu"] + row["mmlu ties"] <= 1.0
@@ -122,7 +138,9 @@ def test_bad_preference_row_names_file_and_line(first_run, tmp_path, capsys):
 
     config, _, _ = first_run
     bad = tmp_path / "prefs.jsonl"
-    bad.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "q"}) + "\n"
+    )
     data = config.model_dump(mode="json") | {"train": {"mine": str(bad)}}
     path = tmp_path / "gem.yaml"
     path.write_text(json.dumps(data))

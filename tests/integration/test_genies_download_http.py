@@ -1,5 +1,6 @@
 """`alignflow genies download` over HTTP, as users fetch the public release:
 a real HTTP server on localhost serves a release tar built from real data."""
+
 from __future__ import annotations
 
 import functools

@@ -1,6 +1,7 @@
 """The genies-eval flow end to end on the tiny model and real distributions, under
 ephemeral Prefect: report files, the published layout they are written in, metrics
 recomputed from that layout, the leaderboard CLI, caching, and bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -18,18 +19,25 @@ from alignflow.storage.artifacts import ArtifactStore
 
 MODEL = "tiny-llama"  # the tiny model folder's name: the model's name in the published layout
 SHIFTS = [
-    {"source": "alpaca_short", "target": "alpaca_long", "target_reference": "alpaca_mmlu",
-     "label": "extreme", "category": "spurious_cues"},
+    {
+        "source": "alpaca_short",
+        "target": "alpaca_long",
+        "target_reference": "alpaca_mmlu",
+        "label": "extreme",
+        "category": "spurious_cues",
+    },
     {"source": "alpaca_mmlu", "target": "alpaca_short", "label": "extreme", "category": "length"},
 ]
 INTERVENTIONS = ["zero_shot", "few_shot", "mass_mean_shift", "longest"]
 GENIES_STAGES = {"genies_pairs", "genies_train", "genies_evaluate", "genies_report"}
 
 # An external intervention in the public script contract: "prefer the longest response".
-EVAL_PY = '''
+EVAL_PY = """
 import argparse, json, os
 p = argparse.ArgumentParser()
-p.add_argument("--model_dir"); p.add_argument("--distribution_dirs", nargs="+"); p.add_argument("--output_paths", nargs="+")
+p.add_argument("--model_dir")
+p.add_argument("--distribution_dirs", nargs="+")
+p.add_argument("--output_paths", nargs="+")
 a = p.parse_args()
 assert os.path.isfile(os.path.join(a.model_dir, "trained.json"))
 for folder, out in zip(a.distribution_dirs, a.output_paths):
@@ -38,23 +46,30 @@ for folder, out in zip(a.distribution_dirs, a.output_paths):
         best = max(r["responses"], key=r["responses"].get)
         return all(len(best) > len(x) for x in r["responses"] if x != best)
     json.dump({"eval_accuracy": sum(map(right, records)) / len(records)}, open(out, "w"))
-'''
-TRAIN_PY = '''
+"""
+TRAIN_PY = """
 import argparse, json, os
 p = argparse.ArgumentParser()
 p.add_argument("--model_dir"); p.add_argument("--train_distribution"); p.add_argument("--output_dir")
 a = p.parse_args()
 os.makedirs(a.output_dir, exist_ok=True)
 json.dump({"from": os.path.basename(a.train_distribution)}, open(os.path.join(a.output_dir, "trained.json"), "w"))
-'''
+"""
 
 
 def config_data(model_dir: Path, data_dir: Path, home: Path, spec: Path, scripts: Path, **overrides) -> dict:
     return {
-        "model": str(model_dir), "data_dir": str(data_dir), "shifts": str(spec),
-        "interventions": ["few_shot", "mass_mean_shift", "longest"], "external": {"longest": str(scripts)},
-        "max_train_pairs": 6, "max_eval_pairs": 6, "paths": {"home": str(home)},
-        "scoring": {"max_tokens": 128}, "few_shot": {"k": 2}, **overrides,
+        "model": str(model_dir),
+        "data_dir": str(data_dir),
+        "shifts": str(spec),
+        "interventions": ["few_shot", "mass_mean_shift", "longest"],
+        "external": {"longest": str(scripts)},
+        "max_train_pairs": 6,
+        "max_eval_pairs": 6,
+        "paths": {"home": str(home)},
+        "scoring": {"max_tokens": 128},
+        "few_shot": {"k": 2},
+        **overrides,
     }
 
 
@@ -125,8 +140,12 @@ def test_first_run_completes_every_stage(first):
     counts = Counter(stage for stage, _ in first.states.elements())
     # pairs: train {alpaca_short, alpaca_mmlu} + test {alpaca_long, alpaca_short, alpaca_mmlu}
     # train: 3 trained interventions x 2 train distributions; evaluate: zero_shot 3 + 3 x 4 (S->T, S->S, R->R)
-    assert {s: counts[s] for s in GENIES_STAGES} == {"genies_pairs": 5, "genies_train": 6, "genies_evaluate": 15,
-                                                     "genies_report": 1}
+    assert {s: counts[s] for s in GENIES_STAGES} == {
+        "genies_pairs": 5,
+        "genies_train": 6,
+        "genies_evaluate": 15,
+        "genies_report": 1,
+    }
     assert {k for k in first.summary["means"] if k.startswith("mean_de_")} == {f"mean_de_{n}" for n in INTERVENTIONS}
     assert first.summary["means"]["mean_de_zero_shot"] == 0.0  # zero-shot is its own baseline
 
@@ -137,11 +156,18 @@ def test_report_folder_holds_tables_figures_and_the_published_layout(first):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     assert (report / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluations = sorted(str(p.relative_to(report / "evaluations")) for p in (report / "evaluations").rglob("*.json"))
-    expected = [f"zero_shot/{folder}/{d}.json" for d in ("alpaca_long", "alpaca_mmlu", "alpaca_short")
-                for folder in (MODEL, f"{MODEL}-alpaca_short", f"{MODEL}-alpaca_mmlu")]  # untrained: also per source
+    expected = [
+        f"zero_shot/{folder}/{d}.json"
+        for d in ("alpaca_long", "alpaca_mmlu", "alpaca_short")
+        for folder in (MODEL, f"{MODEL}-alpaca_short", f"{MODEL}-alpaca_mmlu")
+    ]  # untrained: also per source
     for name in ("few_shot", "mass_mean_shift", "longest"):
-        expected += [f"{name}/{MODEL}-alpaca_short/alpaca_long.json", f"{name}/{MODEL}-alpaca_short/alpaca_short.json",
-                     f"{name}/{MODEL}-alpaca_mmlu/alpaca_mmlu.json", f"{name}/{MODEL}-alpaca_mmlu/alpaca_short.json"]
+        expected += [
+            f"{name}/{MODEL}-alpaca_short/alpaca_long.json",
+            f"{name}/{MODEL}-alpaca_short/alpaca_short.json",
+            f"{name}/{MODEL}-alpaca_mmlu/alpaca_mmlu.json",
+            f"{name}/{MODEL}-alpaca_mmlu/alpaca_short.json",
+        ]
     assert evaluations == sorted(expected)
     capabilities = sorted(p.name for p in (report / "target_tuned_capability" / MODEL).iterdir())
     assert capabilities == ["alpaca_mmlu.json", "alpaca_short.json"]  # S1's reference, S2's target
@@ -153,8 +179,16 @@ def test_report_folder_holds_tables_figures_and_the_published_layout(first):
 def test_metrics_recomputed_from_the_evaluation_files(first):
     report = first.report
     header, rows = read_csv(report / "metrics.csv")
-    assert header[:8] == ["source", "target", "target_reference", "generalization_accuracy", "baseline_accuracy",
-                          "target_tuned_capability", "differential_elicitation", "source_ID_accuracy"]
+    assert header[:8] == [
+        "source",
+        "target",
+        "target_reference",
+        "generalization_accuracy",
+        "baseline_accuracy",
+        "target_tuned_capability",
+        "differential_elicitation",
+        "source_ID_accuracy",
+    ]
     assert {"intervention", "model", "category", "label", "elicitation", "brier", "ece"} <= set(header)
     assert len(rows) == len(INTERVENTIONS) * len(SHIFTS)
     for row in rows:
@@ -168,8 +202,9 @@ def test_metrics_recomputed_from_the_evaluation_files(first):
         capability = json.loads((report / "target_tuned_capability" / MODEL / f"{reference}.json").read_text())
         c = capability["best_intervention_accuracy"]
         # the ceiling: the best A(R -> R) over the interventions run
-        on_reference = {n: accuracy_at(report, n, reference if n != "zero_shot" else None, reference)
-                        for n in INTERVENTIONS}
+        on_reference = {
+            n: accuracy_at(report, n, reference if n != "zero_shot" else None, reference) for n in INTERVENTIONS
+        }
         assert c == max(on_reference.values()) and on_reference[capability["intervention"]] == c
         assert float(row["generalization_accuracy"]) == pytest.approx(a)
         assert float(row["source_ID_accuracy"]) == pytest.approx(a_iid)
@@ -185,7 +220,8 @@ def test_metrics_recomputed_from_the_evaluation_files(first):
     table = pq.read_table(report / "metrics.parquet").to_pylist()
     assert [(r["intervention"], r["source"]) for r in table] == [(r["intervention"], r["source"]) for r in rows]
     assert [r["differential_elicitation"] for r in table] == pytest.approx(
-        [float(r["differential_elicitation"]) for r in rows])
+        [float(r["differential_elicitation"]) for r in rows]
+    )
 
 
 def test_metrics_cli_on_the_written_layout_matches_the_flow(first, tmp_path, capsys):
@@ -193,9 +229,27 @@ def test_metrics_cli_on_the_written_layout_matches_the_flow(first, tmp_path, cap
 
     report = first.report
     out = tmp_path / "few_shot.csv"
-    assert main(["genies", "metrics", "--evaluations", str(report / "evaluations"),
-                 "--capabilities", str(report / "target_tuned_capability"), "--shifts", first.config.shifts,
-                 "--intervention", "few_shot", "--model", MODEL, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "genies",
+                "metrics",
+                "--evaluations",
+                str(report / "evaluations"),
+                "--capabilities",
+                str(report / "target_tuned_capability"),
+                "--shifts",
+                first.config.shifts,
+                "--intervention",
+                "few_shot",
+                "--model",
+                MODEL,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "2 shifts" in capsys.readouterr().out
     header, cli_rows = read_csv(out)
     _, flow_rows = read_csv(report / "metrics.csv")
@@ -208,11 +262,14 @@ def test_metrics_cli_reads_the_flows_zero_shot_rows(first, tmp_path):
     from alignflow.genies.shifts import load_shifts
 
     report = first.report
-    rows = published_rows(report / "evaluations", report / "target_tuned_capability", load_shifts(first.config.shifts),
-                          "zero_shot", MODEL)
+    rows = published_rows(
+        report / "evaluations", report / "target_tuned_capability", load_shifts(first.config.shifts), "zero_shot", MODEL
+    )
     _, flow_rows = read_csv(report / "metrics.csv")
     zero = [r for r in flow_rows if r["intervention"] == "zero_shot"]
-    assert [r["generalization_accuracy"] for r in rows] == pytest.approx([float(r["generalization_accuracy"]) for r in zero])
+    assert [r["generalization_accuracy"] for r in rows] == pytest.approx(
+        [float(r["generalization_accuracy"]) for r in zero]
+    )
 
 
 def test_second_run_is_served_from_cache(first):
@@ -232,8 +289,10 @@ def test_a_named_ceiling_reruns_only_the_report(first):
     report = Path(summary["report_dir"])
     for reference in ("alpaca_mmlu", "alpaca_short"):
         capability = json.loads((report / "target_tuned_capability" / MODEL / f"{reference}.json").read_text())
-        assert capability == {"best_intervention_accuracy": accuracy_at(report, "few_shot", reference, reference),
-                              "intervention": "few_shot"}
+        assert capability == {
+            "best_intervention_accuracy": accuracy_at(report, "few_shot", reference, reference),
+            "intervention": "few_shot",
+        }
     assert "Ceiling: few_shot" in (report / "report.md").read_text()
 
 
@@ -253,8 +312,11 @@ def test_ceiling_naming_an_intervention_not_run_is_an_error(first):
     from alignflow.flows.genies_eval import genies_eval
 
     config = GeniesConfig.model_validate({**first.data, "ceiling": "dpo"})
-    with pytest.raises(ValueError, match="ceiling: 'dpo' is neither 'best' nor one of the interventions run "
-                                         r"\(zero_shot, few_shot, mass_mean_shift, longest\)"):
+    with pytest.raises(
+        ValueError,
+        match="ceiling: 'dpo' is neither 'best' nor one of the interventions run "
+        r"\(zero_shot, few_shot, mass_mean_shift, longest\)",
+    ):
         genies_eval(config=config)
 
 

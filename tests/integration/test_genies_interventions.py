@@ -2,6 +2,7 @@
 through the GENIES stages (genies/stages.py) on real distributions and the tiny model:
 train on alpaca_short, evaluate on alpaca_long. No Prefect here: Stage.run commits
 the same artifacts the flow's tasks do."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,14 @@ from alignflow.genies.interventions.lora_rm import LoraRewardConfig
 from alignflow.genies.interventions.mass_mean import MassMeanShiftConfig
 from alignflow.genies.interventions.script import ScriptIntervention
 from alignflow.genies.interventions.zero_shot import FewShotConfig
-from alignflow.genies.stages import GENIES_EVALUATE, GENIES_PAIRS, GENIES_TRAIN, InterventionSpec, _scripts_hash, pairs_spec
+from alignflow.genies.stages import (
+    GENIES_EVALUATE,
+    GENIES_PAIRS,
+    GENIES_TRAIN,
+    InterventionSpec,
+    _scripts_hash,
+    pairs_spec,
+)
 from alignflow.tasks.base_model import base_model_ref
 from alignflow.tasks.stage import RunContext
 from alignflow.workers.models import load_causal_lm
@@ -29,8 +37,9 @@ SMALL_LORA = {"r": 4, "alpha": 8}
 PARAMS = {
     "zero_shot": {},
     "few_shot": FewShotConfig(k=2).model_dump(mode="json"),
-    "lora_reward_model": LoraRewardConfig(steps=3, batch_size=4, lora=SMALL_LORA | {
-        "target_modules": ["q_proj", "v_proj"]}).model_dump(mode="json"),
+    "lora_reward_model": LoraRewardConfig(
+        steps=3, batch_size=4, lora=SMALL_LORA | {"target_modules": ["q_proj", "v_proj"]}
+    ).model_dump(mode="json"),
     "mass_mean_shift": MassMeanShiftConfig().model_dump(mode="json"),
     "dpo": DPOConfig(epochs=1, batch_size=4, lr=1e-3, lora=SMALL_LORA).model_dump(mode="json"),
 }
@@ -91,7 +100,7 @@ def _summed_logprob(model, tokenizer, prompt: str, response: str, max_tokens: in
     """log p(response + EOS | prompt) of one unpadded sequence, by hand, truncated as documented:
     the response keeps its first max_tokens/2 - 1 tokens, the prompt its last tokens that still fit."""
     r = tokenizer(response, add_special_tokens=False)["input_ids"][: max_tokens // 2 - 1] + [tokenizer.eos_token_id]
-    p = tokenizer(prompt)["input_ids"][-(max_tokens - len(r)):]
+    p = tokenizer(prompt)["input_ids"][-(max_tokens - len(r)) :]
     ids = p + r
     logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
     return sum(float(logp[t - 1, ids[t]]) for t in range(len(p), len(ids)))
@@ -167,7 +176,7 @@ def test_unknown_intervention_is_an_error():
 
 
 # -- the public script contract ------------------------------------------------
-TRAIN_PY = '''
+TRAIN_PY = """
 import argparse, json, os
 parser = argparse.ArgumentParser()
 parser.add_argument("--model_dir", required=True)
@@ -178,9 +187,9 @@ records = json.load(open(os.path.join(args.train_distribution, "train.json")))
 os.makedirs(args.output_dir, exist_ok=True)
 json.dump({"rule": "longest", "trained_on": len(records), "base": args.model_dir},
           open(os.path.join(args.output_dir, "rule.json"), "w"))
-'''
+"""
 
-EVAL_PY = '''
+EVAL_PY = """
 import argparse, json, os
 parser = argparse.ArgumentParser()
 parser.add_argument("--model_dir", required=True)
@@ -195,7 +204,7 @@ for folder, out in zip(args.distribution_dirs, args.output_paths):
         return all(len(preferred) > len(r) for r in record["responses"] if r != preferred)
     json.dump({"eval_accuracy": sum(map(right, records)) / len(records), "records": len(records),
                "trained_on": rule["trained_on"], "note": "not a number, dropped"}, open(out, "w"))
-'''
+"""
 
 
 def _scripts(folder: Path, **files: str) -> Path:
@@ -217,7 +226,9 @@ def _longest_accuracy(pairs: list[dict]) -> float:
 
 def test_script_contract_adapter(setup, tmp_path):
     folder = _scripts(tmp_path / "longest", train=TRAIN_PY, eval=EVAL_PY)
-    spec = InterventionSpec(name="longest", scoring=SCORING, script_dir=str(folder), script_sha256=_scripts_hash(folder))
+    spec = InterventionSpec(
+        name="longest", scoring=SCORING, script_dir=str(folder), script_sha256=_scripts_hash(folder)
+    )
     assert make_intervention(spec).trains is True
     state = setup.train(spec)
     rule = json.loads((setup.state_dir(state) / "model" / "rule.json").read_text())
@@ -232,18 +243,24 @@ def test_script_contract_adapter(setup, tmp_path):
         assert metrics["records"] == len({p["prompt"] for p in rows}) and metrics["trained_on"] == rule["trained_on"]
         assert "note" not in metrics and metrics["pairs"] == len(rows)
         assert setup.store.read_rows(ref) == [  # no per-pair probabilities from an accuracy-only script
-            {"pair_id": p["pair_id"], "preferred": p["preferred"], "p_a": None, "p_preferred": None} for p in rows]
+            {"pair_id": p["pair_id"], "preferred": p["preferred"], "p_a": None, "p_preferred": None} for p in rows
+        ]
     assert 0.0 < _longest_accuracy(setup.store.read_rows(mmlu)) < 1.0  # a non-trivial number to match
 
 
 def test_script_eval_without_eval_accuracy_is_an_error(setup, tmp_path):
-    folder = _scripts(tmp_path / "noacc", eval='''
+    folder = _scripts(
+        tmp_path / "noacc",
+        eval="""
         import argparse, json
         p = argparse.ArgumentParser()
-        p.add_argument("--model_dir"); p.add_argument("--distribution_dirs", nargs="+"); p.add_argument("--output_paths", nargs="+")
+        p.add_argument("--model_dir")
+        p.add_argument("--distribution_dirs", nargs="+")
+        p.add_argument("--output_paths", nargs="+")
         a = p.parse_args()
         json.dump({"accuracy": 1.0}, open(a.output_paths[0], "w"))
-    ''')
+    """,
+    )
     spec = InterventionSpec(name="noacc", scoring=SCORING, script_dir=str(folder), script_sha256=_scripts_hash(folder))
     assert make_intervention(spec).trains is False  # no train.py: evaluated on the base model
     before = setup.store.committed()

@@ -4,6 +4,7 @@ equals an uninterrupted run. SIGKILL in the middle of judge, then `alignflow
 resume` of the flow run the killed process printed: the run left Running is
 marked Crashed and resumed, its finished stages come back Cached, and every
 artifact equals an uninterrupted run's."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from alignflow.storage.artifacts import ArtifactStore
 from helpers import tiny_config_data
+
+from alignflow.storage.artifacts import ArtifactStore
 
 # slow training to kill it in; one prompt per judge shard to kill judge between shards
 SLOW_TRAINING = {"dpo__epochs": 15, "dpo__checkpoint_every": 2, "dpo__eval_every": 4, "judge__shard_size": 1}
@@ -31,8 +33,11 @@ def _command(config_path: Path) -> list[str]:
 
 def _env(home: Path) -> dict:
     env = dict(os.environ)
-    env.update(ALIGNFLOW_HOME=str(home), PREFECT_HOME=str(home / "prefect"),
-               PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect" / "results"))
+    env.update(
+        ALIGNFLOW_HOME=str(home),
+        PREFECT_HOME=str(home / "prefect"),
+        PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect" / "results"),
+    )
     return env
 
 
@@ -44,9 +49,16 @@ def _write_config(model_dir: Path, home: Path) -> Path:
 
 
 def _run(model_dir: Path, home: Path) -> dict:
-    done = subprocess.run(_command(_write_config(model_dir, home)), env=_env(home), capture_output=True, text=True, check=False, timeout=600)
+    done = subprocess.run(
+        _command(_write_config(model_dir, home)),
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
+    return json.loads(done.stdout[done.stdout.index("{") :])
 
 
 def _kill_once(model_dir: Path, home: Path, pattern: str, count: int) -> str:
@@ -121,19 +133,32 @@ print(json.dumps({"run": run.state.name, "run_count": run.run_count, "tasks": st
 def _states(home: Path, run_id: str) -> dict:
     """The flow run's state and its task runs' states by stage, read from the home's Prefect database
     (a fresh ephemeral server on it, as `alignflow resume` starts)."""
-    done = subprocess.run([sys.executable, "-c", TASK_STATES, run_id], env=_env(home), capture_output=True,
-                          text=True, check=False, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", TASK_STATES, run_id],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
+    return json.loads(done.stdout[done.stdout.index("{") :])
 
 
 def _resume(home: Path, run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignflow.cli", "resume", run_id, "--home", str(home)],
-                          env=_env(home), capture_output=True, text=True, check=False, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "alignflow.cli", "resume", run_id, "--home", str(home)],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
 
 
-def test_sigkill_during_judge_then_resume_by_id_crashes_the_run_and_finishes_it(tiny_model_dir, tmp_path,
-                                                                                uninterrupted):
+def test_sigkill_during_judge_then_resume_by_id_crashes_the_run_and_finishes_it(
+    tiny_model_dir, tmp_path, uninterrupted
+):
     reference, reference_home = uninterrupted
     home = tmp_path / "killed"
     stderr = _kill_once(tiny_model_dir, home, "artifacts/judge/*/_shards/shard-*.json", 1)
@@ -169,9 +194,16 @@ def test_resume_refuses_a_running_run_whose_process_it_cannot_see(tiny_model_dir
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: flow run {run_id} is Running and this host cannot tell whether its process (another-host:1:1.00) "
-        "still runs: if it is gone, resume with --force")
-    forced = subprocess.run([sys.executable, "-m", "alignflow.cli", "resume", run_id, "--home", str(home), "--force"],
-                            env=_env(home), capture_output=True, text=True, check=False, timeout=600)
+        "still runs: if it is gone, resume with --force"
+    )
+    forced = subprocess.run(
+        [sys.executable, "-m", "alignflow.cli", "resume", run_id, "--home", str(home), "--force"],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert _states(home, run_id)["run"] == "Completed"
 
@@ -185,6 +217,12 @@ with get_client(sync_client=True) as client:
 
 
 def _set_process(home: Path, run_id: str, label: str) -> None:
-    done = subprocess.run([sys.executable, "-c", SET_PROCESS, run_id, label], env=_env(home), capture_output=True,
-                          text=True, check=False, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SET_PROCESS, run_id, label],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,6 +2,7 @@
 schedules them on real ones): replicas are placement groups packed on one node,
 spread over nodes, each actor sees its own device, and an impossible request
 fails with one clear line."""
+
 from __future__ import annotations
 
 import os
@@ -97,10 +98,17 @@ def _pid_table(ctx, config, key) -> StageOutput:
 
 
 def test_the_pool_reuses_its_actors_across_stages(two_gpu_nodes, tmp_path):
-    settings = {"address": None, "replicas": 1, "gpus_per_replica": 1, "cpus_per_replica": 0.2,
-                "spread": True, "placement_timeout_s": 30.0}
-    ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"),
-                     executor="ray", ray=settings)
+    settings = {
+        "address": None,
+        "replicas": 1,
+        "gpus_per_replica": 1,
+        "cpus_per_replica": 0.2,
+        "spread": True,
+        "placement_timeout_s": 30.0,
+    }
+    ctx = RunContext(
+        artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"), executor="ray", ray=settings
+    )
     config = RunContext(artifact_root="-", model_cache="-")  # any pydantic model serves as a stage config
     first, second = (Stage(name, _pid_table, "alignflow.tasks.stage") for name in ("first", "second"))
     refs = [pool(settings).run(stage, ctx, config, {}) for stage in (first, second)]

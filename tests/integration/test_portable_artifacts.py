@@ -1,6 +1,7 @@
 """Artifacts name no path of the machine that wrote them: the same self-improve run
 in two homes, with the model in two folders, gives the same keys, content hashes and
 file bytes for every stage."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,10 @@ def run_in_home(tiny_model_dir: Path, root: Path) -> tuple[ArtifactStore, Path]:
 
 def files(manifest: dict) -> dict[str, str]:
     """An artifact's files by name without the writer's id, with their hashes."""
-    return {re.sub(r"-[0-9a-f]{10}(?=\.parquet$|/)", "", name, count=1): digest
-            for name, digest in manifest["files"].items()}
+    return {
+        re.sub(r"-[0-9a-f]{10}(?=\.parquet$|/)", "", name, count=1): digest
+        for name, digest in manifest["files"].items()
+    }
 
 
 def artifacts(store: ArtifactStore) -> dict[tuple[str, str], dict]:

@@ -1,6 +1,7 @@
 """A flow run's Logs tab: the `alignflow` logger's records (stage commits, training
 steps) reach the run's Prefect logs, from the driver and from Ray actors, while
 the console shows no INFO lines."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("prefect_server")  # imported here before pytest_plugins loads it
-from helpers import tiny_config_data
-from prefect_server import ALIGNFLOW, wait_for
+from helpers import tiny_config_data  # noqa: E402
+from prefect_server import ALIGNFLOW, wait_for  # noqa: E402
 
 pytest_plugins = ["prefect_server"]
 
@@ -26,8 +27,14 @@ def run_and_read_logs(server, model_dir: Path, home: Path, **overrides) -> tuple
     home.mkdir(parents=True)
     config = home / "config.json"
     config.write_text(json.dumps(tiny_config_data(model_dir, home, **overrides)))
-    done = subprocess.run([*ALIGNFLOW, "run", "self-improve", "--config", str(config), "--json"], env=server.env(),
-                          capture_output=True, text=True, check=False, timeout=600)
+    done = subprocess.run(
+        [*ALIGNFLOW, "run", "self-improve", "--config", str(config), "--json"],
+        env=server.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [run_id] = FLOW_RUN_LINE.findall(done.stderr)
 
@@ -36,6 +43,7 @@ def run_and_read_logs(server, model_dir: Path, home: Path, **overrides) -> tuple
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         messages = [entry.message for entry in logs if entry.name == "alignflow"]
         return messages if any("train_dpo: committed" in m for m in messages) else None
+
     return wait_for(committed_lines, 30, "the run's alignflow logs"), done.stderr
 
 
@@ -50,8 +58,9 @@ def test_stage_commits_and_training_steps_reach_the_runs_prefect_logs(prefect_se
 
 def test_a_ray_actors_log_lines_arrive_named_after_the_actor(prefect_server, tiny_model_dir, tmp_path):
     pytest.importorskip("ray")
-    messages, _ = run_and_read_logs(prefect_server, tiny_model_dir, tmp_path / "ray", executor="ray",
-                                    ray__replicas=1, ray__cpus_per_replica=0.5)
+    messages, _ = run_and_read_logs(
+        prefect_server, tiny_model_dir, tmp_path / "ray", executor="ray", ray__replicas=1, ray__cpus_per_replica=0.5
+    )
     # train_dpo runs whole on the actor: its steps and its commit come from there
     actor = re.compile(r"^\[(\S+:\d+)\] train_dpo: (step \d+/\d+|committed) ")
     from_actor = [actor.match(m) for m in messages if actor.match(m)]

@@ -2,6 +2,7 @@
 lists its summary artifact, the summary links every stage's artifact, the judge's
 examples show both verdicts and train_dpo's curves are a picture. The screenshots
 are kept in tests/output/."""
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,15 @@ from helpers import tiny_config_data
 pytest_plugins = ["prefect_server"]
 
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--virtual-time-budget=20000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--virtual-time-budget=20000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +37,15 @@ def chromium(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
 
     def run(url: str, *flags: str) -> str:
-        done = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
+
     return run
 
 
@@ -63,7 +76,9 @@ def test_flow_run_page_shows_the_summary_artifact(prefect_server, finished_run, 
     text = visible_text(chromium(page, "--dump-dom"))
     assert "self-improve-summary" in text and "self-improve: artifacts and headline metrics" in text, text[-3000:]
     assert "train-dpo-report" in text
-    assert {"sample-examples", "judge-examples", "pairs-examples", "train-dpo-examples"} <= set(text.split()), text[-3000:]
+    assert {"sample-examples", "judge-examples", "pairs-examples", "train-dpo-examples"} <= set(text.split()), text[
+        -3000:
+    ]
     screenshot = tmp_path / "flow-run-artifacts.png"
     chromium(page, f"--screenshot={screenshot}", "--window-size=1400,1000")
     assert screenshot.stat().st_size > 10_000
@@ -78,7 +93,8 @@ def artifact_page(prefect_server, run_id, key: str) -> str:
     with prefect_server.client() as client:
         [artifact] = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        )
     return f"{prefect_server.url}/artifacts/artifact/{artifact.id}"
 
 

@@ -1,6 +1,7 @@
 """executor: ray on a real local Ray cluster: stages run in actor processes, give
 the same artifacts as the local executor (sharded stages part file by part
 file), and a shard or stage whose actor dies is retried on a fresh actor."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from helpers import gem_config_data, tiny_config_data  # noqa: E402
+
 from alignflow.cli import main  # noqa: E402
 from alignflow.config import GemConfig, GeniesConfig, SampleConfig, SelfImproveConfig, Strict  # noqa: E402
-from helpers import gem_config_data, tiny_config_data  # noqa: E402
 from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
 from alignflow.tasks.base_model import base_model_ref  # noqa: E402
 from alignflow.tasks.prompts import PROMPTS, prompt_source  # noqa: E402
@@ -42,11 +44,19 @@ def _genies_config(tiny_model_dir, data_dir, home: Path, **extra) -> GeniesConfi
     shifts = home / "shifts.json"
     shifts.parent.mkdir(parents=True, exist_ok=True)
     shifts.write_text(json.dumps([{"source": "alpaca_short", "target": "alpaca_long", "category": "spurious_cues"}]))
-    return GeniesConfig.model_validate({
-        "model": str(tiny_model_dir), "data_dir": str(data_dir), "shifts": str(shifts),
-        "interventions": ["few_shot"], "max_train_pairs": 4, "max_eval_pairs": 4,
-        "scoring": {"max_tokens": 96}, "paths": {"home": str(home)}, **extra,
-    })
+    return GeniesConfig.model_validate(
+        {
+            "model": str(tiny_model_dir),
+            "data_dir": str(data_dir),
+            "shifts": str(shifts),
+            "interventions": ["few_shot"],
+            "max_train_pairs": 4,
+            "max_eval_pairs": 4,
+            "scoring": {"max_tokens": 96},
+            "paths": {"home": str(home)},
+            **extra,
+        }
+    )
 
 
 def _workers(root: Path, stage: str) -> set[str]:
@@ -70,8 +80,9 @@ def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, ge
 def test_gem_flow_runs_its_stages_on_ray_actors(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
     from alignflow.flows.gem import gem
 
-    config = GemConfig.model_validate(gem_config_data(tiny_model_dir, genies_data_dir, tmp_path) | {
-        "executor": "ray", "ray": RAY})
+    config = GemConfig.model_validate(
+        gem_config_data(tiny_model_dir, genies_data_dir, tmp_path) | {"executor": "ray", "ray": RAY}
+    )
     summary = gem(config=config)
     root = tmp_path / "artifacts"
     for stage in ("train_sft", "sample", "train_sega", "pref_accuracy"):
@@ -94,7 +105,9 @@ class _Marker(Strict):
 
 
 def test_dead_actor_stage_is_retried_on_a_new_actor(ray_cluster, tmp_path):
-    stage = Stage("die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), "alignflow.tasks.stage")
+    stage = Stage(
+        "die_once", lambda ctx, config, key: _die_once(ctx, config, key, config.marker), "alignflow.tasks.stage"
+    )
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
     pool = ActorPool(address=None, replicas=1, gpus_per_replica=0, cpus_per_replica=0.5)
     ref = pool.run(stage, ctx, _Marker(marker=str(tmp_path / "died")), {})
@@ -120,8 +133,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_self_improve_on_ray_gives_the_local_artifacts_part_for_part(ray_cluster, one_torch_thread, tiny_model_dir,
-                                                                    tmp_path):
+def test_self_improve_on_ray_gives_the_local_artifacts_part_for_part(
+    ray_cluster, one_torch_thread, tiny_model_dir, tmp_path
+):
     from alignflow.flows.self_improve import self_improve
 
     data = tiny_config_data(tiny_model_dir, tmp_path / "ray", **SHARDED) | {"executor": "ray", "ray": RAY}
@@ -146,8 +160,10 @@ def test_self_improve_on_ray_gives_the_local_artifacts_part_for_part(ray_cluster
 
 
 def _sample_inputs(ctx: RunContext, tiny_model_dir) -> dict:
-    return {"policy": base_model_ref(str(tiny_model_dir), ctx.model_cache),
-            "prompts": PROMPTS.run(ctx, prompt_source("builtin:demo", 12))}
+    return {
+        "policy": base_model_ref(str(tiny_model_dir), ctx.model_cache),
+        "prompts": PROMPTS.run(ctx, prompt_source("builtin:demo", 12)),
+    }
 
 
 def test_killed_actor_mid_stage_gives_the_same_artifact(ray_cluster, one_torch_thread, tiny_model_dir, tmp_path):
@@ -157,10 +173,18 @@ def test_killed_actor_mid_stage_gives_the_same_artifact(ray_cluster, one_torch_t
     local = RunContext(artifact_root=str(tmp_path / "local"), model_cache=str(tmp_path / "models"))
     uninterrupted = SAMPLE.run(local, config, **_sample_inputs(local, tiny_model_dir))
 
-    settings = {"address": None, "replicas": 2, "gpus_per_replica": 0, "cpus_per_replica": 0.5,
-                "spread": True, "placement_timeout_s": 60.0, "shard_retries": 2}
-    ctx = RunContext(artifact_root=str(tmp_path / "ray"), model_cache=str(tmp_path / "models"), executor="ray",
-                     ray=settings)
+    settings = {
+        "address": None,
+        "replicas": 2,
+        "gpus_per_replica": 0,
+        "cpus_per_replica": 0.5,
+        "spread": True,
+        "placement_timeout_s": 60.0,
+        "shard_retries": 2,
+    }
+    ctx = RunContext(
+        artifact_root=str(tmp_path / "ray"), model_cache=str(tmp_path / "models"), executor="ray", ray=settings
+    )
     inputs = _sample_inputs(ctx, tiny_model_dir)
     victim = pool(settings).replicas[0].where()[0]["pid"]
     result = {}

@@ -6,6 +6,7 @@ One flow run carries the outage: the server is stopped while `judge` commits
 shows the whole flow on S3, the Prefect retry and that the half-written
 artifact never looked committed. Its re-runs and the secret search reuse it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,14 @@ def test_store_round_trip_on_s3(s3, env_credentials, tmp_path, monkeypatch):
     (model / "sub").mkdir(parents=True)
     (model / "config.json").write_text('{"a": 1}')
     (model / "sub" / "w.bin").write_bytes(os.urandom(1000))
-    ref = store.commit("judge", "k1", tables=[_table([1, 2]), _table([3])], local_dirs={"merged": model},
-                       config={"mode": "refeval"}, metrics={"rows_out": 3})
+    ref = store.commit(
+        "judge",
+        "k1",
+        tables=[_table([1, 2]), _table([3])],
+        local_dirs={"merged": model},
+        config={"mode": "refeval"},
+        metrics={"rows_out": 3},
+    )
     assert ref.uri == f"s3://{s3.bucket}/unit/judge/k1"
     assert store.is_committed("judge", "k1")
     assert store.read_table(ref).column("id").to_pylist() == [1, 2, 3]
@@ -172,8 +179,12 @@ def test_concurrent_writers_of_one_key_leave_one_intact_artifact(s3, env_credent
     go = tmp_path / "go"
     env = {**os.environ, storage_s3.ENDPOINT_ENV: s3.endpoint}
     values = (1, 1) if same_content else (1, 2)
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, root, str(go), str(v)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, text=True) for v in values]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, root, str(go), str(v)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for v in values
+    ]
     assert [w.stdout.readline().strip() for w in writers] == ["ready", "ready"]
     go.touch()
     store = ArtifactStore(root, {"endpoint_url": s3.endpoint})
@@ -223,8 +234,12 @@ class OutageDuringCommit:
                 return original(store, stage, key, manifest)
             finally:
                 self.server.start()
-                self.seen = {"key": key, "files": set(manifest["files"]), "committed": store.is_committed(stage, key),
-                             "objects": object_names(store, stage, key)}
+                self.seen = {
+                    "key": key,
+                    "files": set(manifest["files"]),
+                    "committed": store.is_committed(stage, key),
+                    "objects": object_names(store, stage, key),
+                }
 
         mp.setattr(ArtifactStore, "_write_manifest", write_manifest)
 
@@ -235,10 +250,16 @@ def s3_run(s3, env_credentials, tiny_model_dir, tmp_path_factory):
     from alignflow.runtime import configure_environment
 
     home = tmp_path_factory.mktemp("s3-flow-home")
-    config = SelfImproveConfig.model_validate(tiny_config_data(
-        tiny_model_dir, home, paths__artifact_root=f"s3://{s3.bucket}/flow", storage__endpoint_url=s3.endpoint,
-        # fail fast while the server is down: the Prefect retry is what this run tests
-        storage__storage_options={"config_kwargs": {"retries": {"max_attempts": 3}}}))
+    config = SelfImproveConfig.model_validate(
+        tiny_config_data(
+            tiny_model_dir,
+            home,
+            paths__artifact_root=f"s3://{s3.bucket}/flow",
+            storage__endpoint_url=s3.endpoint,
+            # fail fast while the server is down: the Prefect retry is what this run tests
+            storage__storage_options={"config_kwargs": {"retries": {"max_attempts": 3}}},
+        )
+    )
     log_file = configure_environment(config.paths.resolved())
     outage = OutageDuringCommit(s3, "judge")
     try:

@@ -1,4 +1,5 @@
 """The self-improve flow end to end on the tiny model, under ephemeral Prefect."""
+
 from __future__ import annotations
 
 import json
@@ -90,10 +91,16 @@ def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path,
     assert {m["uri"]: m["created_at"] for m in store.committed()} == before
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"prompt": "a"}\n', ":1: missing field 'reference'"),
-    ('{"prompt": "a", "reference": "b"}\n{"prompt": "  ", "reference": "b"}\n', ":2: field 'prompt' must be non-empty"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"prompt": "a"}\n', ":1: missing field 'reference'"),
+        (
+            '{"prompt": "a", "reference": "b"}\n{"prompt": "  ", "reference": "b"}\n',
+            ":2: field 'prompt' must be non-empty",
+        ),
+    ],
+)
 def test_prompt_rows_are_validated(tmp_path, content, expected):
     from alignflow.tasks.prompts import PromptFileError, read_prompt_rows
 

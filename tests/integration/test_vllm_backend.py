@@ -6,6 +6,7 @@ self-improvement round with ``backend: vllm`` end to end.
 Runs in .venv-vllm (``make test``); the main venv's run excludes the ``vllm`` mark.
 One vLLM engine at a time (2 cores, shared memory).
 """
+
 from __future__ import annotations
 
 import math
@@ -132,17 +133,20 @@ class TestOnSmolLM2:
             assert [t for t, _ in v.top_logprobs[0]] == [t for t, _ in h.top_logprobs[0]]
             assert max_token_gap([[lp for _, lp in v.top_logprobs[0]]], [[lp for _, lp in h.top_logprobs[0]]]) < 1e-3
 
-        rows = [{"prompt_id": r["id"], "prompt": r["prompt"], "reference": r["reference"], "candidate": j,
-                 "response": text}
-                for r, samples in zip(demo_rows[:3], greedy)
-                for j, text in enumerate([samples[0].text, "I am not sure."])]
+        rows = [
+            {"prompt_id": r["id"], "prompt": r["prompt"], "reference": r["reference"], "candidate": j, "response": text}
+            for r, samples in zip(demo_rows[:3], greedy)
+            for j, text in enumerate([samples[0].text, "I am not sure."])
+        ]
         (ours, _), (theirs, _) = (judge_candidates(b, rows, JudgeConfig()) for b in (vllm, hf))
         assert len(ours) == 6 and all(j["parsed"] for j in ours)
         assert [j["p_a"] for j in ours] == pytest.approx([j["p_a"] for j in theirs], abs=1e-3)
 
     def test_reference_logprob_stage_matches_hf(self, vllm, hf, demo_rows, greedy):
-        pairs = [{"prompt_id": r["id"], "prompt": r["prompt"], "chosen": r["reference"], "rejected": samples[0].text}
-                 for r, samples in zip(demo_rows, greedy)]
+        pairs = [
+            {"prompt_id": r["id"], "prompt": r["prompt"], "chosen": r["reference"], "rejected": samples[0].text}
+            for r, samples in zip(demo_rows, greedy)
+        ]
         config = LogprobsConfig()
         (ours, _), (theirs, _) = (reference_logprobs(b, pairs, config) for b in (vllm, hf))
         for side in ("chosen", "rejected"):

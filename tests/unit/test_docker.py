@@ -1,6 +1,7 @@
 """docker/ checked without a Docker engine (none runs on the dev machine): the
 compose services and how they reach each other, what both images install and
 from where, and that credentials only ever come from docker/.env."""
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,10 @@ def test_prefect_server_runs_on_the_postgres_service():
     assert url.scheme == "postgresql+asyncpg"
     assert url.hostname == "postgres" and url.hostname in SERVICES
     assert (url.username, url.password, url.path.lstrip("/")) == (
-        db["POSTGRES_USER"], db["POSTGRES_PASSWORD"], db["POSTGRES_DB"])
+        db["POSTGRES_USER"],
+        db["POSTGRES_PASSWORD"],
+        db["POSTGRES_DB"],
+    )
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "prefect server start" in server["command"]
     assert _flag(server["command"], "--host") == "0.0.0.0"  # reachable from the other containers
@@ -178,7 +182,10 @@ def test_cpu_torch_comes_from_the_cpu_index():
 def test_both_images_run_the_same_python_patch_release():
     # Ray refuses a node whose Python differs from the head's in the patch release.
     def version(dockerfile):
-        return {a.split("=", 1)[1] for i, a in _instructions(dockerfile) if i == "ARG" and a.startswith("PYTHON_VERSION=")}
+        return {
+            a.split("=", 1)[1] for i, a in _instructions(dockerfile) if i == "ARG" and a.startswith("PYTHON_VERSION=")
+        }
+
     assert len(version("Dockerfile.cpu")) == 1
     assert version("Dockerfile.cpu") == version("Dockerfile.cuda")
 
@@ -208,7 +215,9 @@ def test_credentials_come_only_from_the_env_file():
                 assert re.fullmatch(VARIABLE, str(value)), f"{name}.{key} is a literal"
     url = SERVICES["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert urlparse(url).password == "${POSTGRES_PASSWORD}"
-    assert re.search(r"^\*\*/\.env$", (ROOT / ".dockerignore").read_text(), re.MULTILINE), "docker/.env must not reach an image"
+    assert re.search(r"^\*\*/\.env$", (ROOT / ".dockerignore").read_text(), re.MULTILINE), (
+        "docker/.env must not reach an image"
+    )
 
 
 def _compose_cli() -> list[str] | None:
@@ -233,7 +242,12 @@ def _compose_config(tmp_path: Path, env_file: Path) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if k not in _env_example()}
     return subprocess.run(
         [*cli, "-f", str(compose), "--project-directory", str(DOCKER), "--env-file", str(env_file), "config"],
-        capture_output=True, text=True, env=env, timeout=60, check=False)
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_compose_config_accepts_the_file(tmp_path):

@@ -1,9 +1,9 @@
 """tests/helpers.py: data from ../shared is required in CI and optional elsewhere."""
+
 from __future__ import annotations
 
 import pytest
 from _pytest.outcomes import Failed, Skipped
-
 from helpers import require_shared
 
 

@@ -1,4 +1,5 @@
 """The process recorded for a flow run: alive, gone, or not for this host to tell."""
+
 from __future__ import annotations
 
 import os

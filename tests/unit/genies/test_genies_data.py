@@ -1,5 +1,6 @@
 """GENIES data (genies/data.py) and the shift registry (genies/shifts.py): record
 validation, position-shuffled pairs, safe download/extraction, shift specs."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,17 @@ from pathlib import Path
 import pytest
 from helpers import GENIES_SHARED, require_shared
 
-from alignflow.genies.data import (GeniesDataError, capped, distribution_dir, distribution_names, download, expand_pairs,
-                         read_split, record_problem, validate_release)
+from alignflow.genies.data import (
+    GeniesDataError,
+    capped,
+    distribution_dir,
+    distribution_names,
+    download,
+    expand_pairs,
+    read_split,
+    record_problem,
+    validate_release,
+)
 from alignflow.genies.shifts import GENIES, Shift, check_distributions, distributions_needed, load_shifts
 
 SHIFT_SPECS = GENIES_SHARED / "distribution_shifts"
@@ -29,20 +39,23 @@ def test_good_record_has_no_problem():
     assert record_problem({**GOOD, "prompt_format": "{x}", "extra": 3}) is None  # other fields are ignored
 
 
-@pytest.mark.parametrize("record,expected", [
-    ({"prompt": "Q", "responses": {"a": 1.0, "b": 1.0, "c": 0.0}}, "2 preferred"),
-    ({"prompt": "Q", "responses": {"a": 0.0, "b": 0.0}}, "0 preferred"),
-    ({"prompt": "Q", "responses": {"a": 1.0}}, "no dispreferred"),
-    ({"prompt": "", "responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
-    ({"prompt": "  \n", "responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
-    ({"responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
-    ({"prompt": "Q"}, "missing 'responses'"),
-    ({"prompt": "Q", "responses": {}}, "missing 'responses'"),
-    ({"prompt": "Q", "responses": {"a": 1.0, "b": 0.5}}, "labels must be 1.0 or 0.0"),
-    ({"prompt": "Q", "responses": {"a": True, "b": False}}, "labels must be 1.0 or 0.0"),
-    (["Q", "a"], "expected a JSON object, got list"),
-    ("Q", "expected a JSON object, got str"),
-])
+@pytest.mark.parametrize(
+    "record,expected",
+    [
+        ({"prompt": "Q", "responses": {"a": 1.0, "b": 1.0, "c": 0.0}}, "2 preferred"),
+        ({"prompt": "Q", "responses": {"a": 0.0, "b": 0.0}}, "0 preferred"),
+        ({"prompt": "Q", "responses": {"a": 1.0}}, "no dispreferred"),
+        ({"prompt": "", "responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
+        ({"prompt": "  \n", "responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
+        ({"responses": {"a": 1.0, "b": 0.0}}, "empty or missing 'prompt'"),
+        ({"prompt": "Q"}, "missing 'responses'"),
+        ({"prompt": "Q", "responses": {}}, "missing 'responses'"),
+        ({"prompt": "Q", "responses": {"a": 1.0, "b": 0.5}}, "labels must be 1.0 or 0.0"),
+        ({"prompt": "Q", "responses": {"a": True, "b": False}}, "labels must be 1.0 or 0.0"),
+        (["Q", "a"], "expected a JSON object, got list"),
+        ("Q", "expected a JSON object, got str"),
+    ],
+)
 def test_bad_records_say_why(record, expected):
     assert expected in record_problem(record)
 
@@ -51,14 +64,20 @@ def test_read_split_names_the_file_and_the_record(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([GOOD, GOOD, {"prompt": "Q", "responses": {"a": 1.0, "b": 1.0}}]))
     with pytest.raises(GeniesDataError) as e:
         read_split(tmp_path, "train")
-    assert str(e.value) == f"{tmp_path / 'train.json'}: record 2: 2 preferred responses (expected exactly one labelled 1.0)"
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'train.json'}: record 2: 2 preferred responses (expected exactly one labelled 1.0)"
+    )
 
 
-@pytest.mark.parametrize("content,expected", [
-    (None, "file not found"),
-    ("[{]", "not valid JSON"),
-    ('{"prompt": "Q"}', "expected a JSON list of records, got dict"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (None, "file not found"),
+        ("[{]", "not valid JSON"),
+        ('{"prompt": "Q"}', "expected a JSON list of records, got dict"),
+    ],
+)
 def test_read_split_bad_files(tmp_path, content, expected):
     if content is not None:
         (tmp_path / "test.json").write_text(content)
@@ -168,7 +187,11 @@ def test_download_from_the_real_release_tar(genies_tar, tmp_path):
     assert len(names) == 66
     assert {"alpaca_short", "alpaca_long", "alpaca_mmlu", "arc_easy", "quote_attribution"} <= set(names)
     for name in ("alpaca_short", "quote_attribution"):
-        assert sorted(p.name for p in distribution_dir(dest, name).iterdir()) == ["metadata.json", "test.json", "train.json"]
+        assert sorted(p.name for p in distribution_dir(dest, name).iterdir()) == [
+            "metadata.json",
+            "test.json",
+            "train.json",
+        ]
     assert [p.name for p in dest.iterdir()] == ["distributions"]  # no staging folder left behind
 
 
@@ -256,15 +279,24 @@ def test_tar_with_a_symlink_member_is_refused(tmp_path, existing):
 
 def test_validate_release_lists_bad_records_with_distribution_split_and_index(tmp_path):
     two_preferred = {"prompt": "Q", "responses": {"a": 1.0, "b": 1.0, "c": 0.0}}
-    root = _release(tmp_path, {
-        "fine": {"train": [GOOD, FOUR], "test": [GOOD]},
-        "broken": {"train": [GOOD, GOOD, two_preferred], "test": [GOOD, {"prompt": "", "responses": {"a": 1.0, "b": 0.0}}]},
-        "half": {"train": [GOOD]},  # no test.json
-    })
+    root = _release(
+        tmp_path,
+        {
+            "fine": {"train": [GOOD, FOUR], "test": [GOOD]},
+            "broken": {
+                "train": [GOOD, GOOD, two_preferred],
+                "test": [GOOD, {"prompt": "", "responses": {"a": 1.0, "b": 0.0}}],
+            },
+            "half": {"train": [GOOD]},  # no test.json
+        },
+    )
     checked, bad = validate_release(root)
     assert checked == 3 + 5 + 1
-    assert [(b.distribution, b.split, b.index) for b in bad] == [("broken", "train", 2), ("broken", "test", 1),
-                                                                 ("half", "test", -1)]
+    assert [(b.distribution, b.split, b.index) for b in bad] == [
+        ("broken", "train", 2),
+        ("broken", "test", 1),
+        ("half", "test", -1),
+    ]
     assert str(bad[0]) == "broken/train.json record 2: 2 preferred responses (expected exactly one labelled 1.0)"
     assert "file not found" in bad[2].problem
 
@@ -272,8 +304,9 @@ def test_validate_release_lists_bad_records_with_distribution_split_and_index(tm
 def test_download_cli_reports_bad_records(tmp_path, capsys):
     from alignflow.cli import main
 
-    source = _release(tmp_path / "src", {"broken": {"train": [GOOD, {"prompt": "Q", "responses": {"a": 1.0}}],
-                                                    "test": [GOOD]}})
+    source = _release(
+        tmp_path / "src", {"broken": {"train": [GOOD, {"prompt": "Q", "responses": {"a": 1.0}}], "test": [GOOD]}}
+    )
     assert main(["genies", "download", "--source", str(source), "--dest", str(tmp_path / "dest")]) == 1
     out = capsys.readouterr().out
     assert "3 records checked, 1 bad" in out and "broken/train.json record 1: no dispreferred response" in out
@@ -296,7 +329,9 @@ def test_builtin_genies_shifts():
     assert shifts is GENIES and len(shifts) == 15 and len(set(shifts)) == 15
     assert len({s.category for s in shifts}) == 8
     assert {s.name: s.target_reference for s in shifts if s.target_reference} == {
-        "alpaca_short->alpaca_long": "alpaca_mmlu", "alpaca_mmlu->sycophancy_mimicry": "quote_attribution"}
+        "alpaca_short->alpaca_long": "alpaca_mmlu",
+        "alpaca_mmlu->sycophancy_mimicry": "quote_attribution",
+    }
     assert {s.label for s in shifts} == {"extreme", "probing"}
     by_name = {s.name: s for s in shifts}
     assert by_name["alpaca_short->alpaca_long"].reference == "alpaca_mmlu"
@@ -319,9 +354,11 @@ def test_published_all_json_dedupes_to_56(genies_tar):
 
 
 def test_spec_file_is_loaded_in_order_without_repeats(tmp_path):
-    entries = [{"source": "a", "target": "b", "category": "c", "ignored": 1},
-               {"source": "x", "target": "y", "target_reference": "z"},
-               {"source": "a", "target": "b", "category": "c"}]
+    entries = [
+        {"source": "a", "target": "b", "category": "c", "ignored": 1},
+        {"source": "x", "target": "y", "target_reference": "z"},
+        {"source": "a", "target": "b", "category": "c"},
+    ]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(entries))
     shifts = load_shifts(str(spec))
@@ -329,14 +366,17 @@ def test_spec_file_is_loaded_in_order_without_repeats(tmp_path):
     assert distributions_needed(shifts) == {"train": {"a", "b", "x", "z"}, "evaluate": {"a", "b", "x", "y", "z"}}
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('[{"source": "a", "target": "b"}, {"source": "c"}]', "shift 1: missing or invalid target"),
-    ('[{"target": "b"}]', "shift 0: missing or invalid source"),
-    ('["a->b"]', "shift 0: missing or invalid entry"),
-    ("[]", "expected a non-empty JSON list"),
-    ('{"source": "a"}', "expected a non-empty JSON list"),
-    ("[{", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('[{"source": "a", "target": "b"}, {"source": "c"}]', "shift 1: missing or invalid target"),
+        ('[{"target": "b"}]', "shift 0: missing or invalid source"),
+        ('["a->b"]', "shift 0: missing or invalid entry"),
+        ("[]", "expected a non-empty JSON list"),
+        ('{"source": "a"}', "expected a non-empty JSON list"),
+        ("[{", "not valid JSON"),
+    ],
+)
 def test_bad_spec_files(tmp_path, content, expected):
     spec = tmp_path / "spec.json"
     spec.write_text(content)

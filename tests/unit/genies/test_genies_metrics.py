@@ -1,6 +1,7 @@
 """GENIES metrics (genies/metrics.py) against numbers worked out by hand, and the
 published results layout: evaluations/<intervention>/<MODEL>-<source>/<target>.json,
 evaluations/zero_shot/<MODEL>/<target>.json, target_tuned_capability/<MODEL>/<reference>.json."""
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,19 @@ from pathlib import Path
 import pytest
 
 from alignflow.genies.data import GeniesDataError
-from alignflow.genies.metrics import (PUBLISHED_COLUMNS, accuracy, brier, expected_calibration_error, means, pair_correct,
-                            pair_metrics, published_rows, read_number, shift_row, write_csv)
+from alignflow.genies.metrics import (
+    PUBLISHED_COLUMNS,
+    accuracy,
+    brier,
+    expected_calibration_error,
+    means,
+    pair_correct,
+    pair_metrics,
+    published_rows,
+    read_number,
+    shift_row,
+    write_csv,
+)
 from alignflow.genies.shifts import Shift
 
 # -- per pair ------------------------------------------------------------------
@@ -56,8 +68,12 @@ def test_ece_certain_answers_land_in_the_top_bin():
 
 
 def test_pair_metrics_bundles_the_three():
-    assert pair_metrics(P) == {"accuracy": pytest.approx(0.625), "brier": pytest.approx(0.1975),
-                               "ece": pytest.approx(0.25), "pairs": 4}
+    assert pair_metrics(P) == {
+        "accuracy": pytest.approx(0.625),
+        "brier": pytest.approx(0.1975),
+        "ece": pytest.approx(0.25),
+        "pairs": 4,
+    }
 
 
 # -- per shift -----------------------------------------------------------------
@@ -69,8 +85,12 @@ def test_shift_row_differential_elicitation_and_elicitation():
     assert row["target_reference"] == "r"
     assert row["differential_elicitation"] == pytest.approx((0.7 - 0.5) / 0.8)  # 0.25
     assert row["elicitation"] == pytest.approx(0.7 / 0.8)  # 0.875
-    assert (row["generalization_accuracy"], row["baseline_accuracy"], row["target_tuned_capability"],
-            row["source_ID_accuracy"]) == (0.7, 0.5, 0.8, 0.9)
+    assert (
+        row["generalization_accuracy"],
+        row["baseline_accuracy"],
+        row["target_tuned_capability"],
+        row["source_ID_accuracy"],
+    ) == (0.7, 0.5, 0.8, 0.9)
     assert (row["category"], row["label"], row["intervention"]) == ("cat", "extreme", "x")
 
 
@@ -122,23 +142,34 @@ def _write(path: Path, data) -> None:
 def published(tmp_path) -> Path:
     """A small results tree in the published layout (one intervention, two shifts)."""
     ev, cap = tmp_path / "evaluations", tmp_path / "target_tuned_capability"
-    for source, target, acc in [("alpaca_short", "alpaca_long", 0.7), ("alpaca_short", "alpaca_short", 0.9),
-                                ("arc_easy", "arc_hard", 0.6), ("arc_easy", "arc_easy", 0.8)]:
+    for source, target, acc in [
+        ("alpaca_short", "alpaca_long", 0.7),
+        ("alpaca_short", "alpaca_short", 0.9),
+        ("arc_easy", "arc_hard", 0.6),
+        ("arc_easy", "arc_easy", 0.8),
+    ]:
         _write(ev / "classify_lora" / f"{MODEL}-{source}" / f"{target}.json", {"eval_accuracy": acc, "loss": 1.0})
     _write(ev / "zero_shot" / MODEL / "alpaca_long.json", {"eval_accuracy": 0.5})
     _write(ev / "zero_shot" / MODEL / "arc_hard.json", {"eval_accuracy": 0.4})
     _write(cap / MODEL / "alpaca_mmlu.json", {"best_intervention_accuracy": 0.8, "best_intervention": "classify_lora"})
     _write(cap / MODEL / "arc_hard.json", {"best_intervention_accuracy": 0.75})
-    _write(cap / MODEL / "alpaca_long.json", {"best_intervention_accuracy": 0.1})  # a decoy: S1's reference is alpaca_mmlu
+    _write(
+        cap / MODEL / "alpaca_long.json", {"best_intervention_accuracy": 0.1}
+    )  # a decoy: S1's reference is alpaca_mmlu
     return tmp_path
 
 
 def test_published_rows_read_the_layout(published):
-    rows = published_rows(published / "evaluations", published / "target_tuned_capability", SHIFTS,
-                          "classify_lora", MODEL)
+    rows = published_rows(
+        published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
+    )
     first, second = rows
-    assert (first["generalization_accuracy"], first["source_ID_accuracy"], first["baseline_accuracy"],
-            first["target_tuned_capability"]) == (0.7, 0.9, 0.5, 0.8)
+    assert (
+        first["generalization_accuracy"],
+        first["source_ID_accuracy"],
+        first["baseline_accuracy"],
+        first["target_tuned_capability"],
+    ) == (0.7, 0.9, 0.5, 0.8)
     assert first["target_reference"] == "alpaca_mmlu"
     assert first["differential_elicitation"] == pytest.approx((0.7 - 0.5) / 0.8)
     assert second["target_reference"] == "arc_hard"
@@ -148,17 +179,29 @@ def test_published_rows_read_the_layout(published):
 
 
 def test_write_csv_puts_the_published_columns_first(published, tmp_path):
-    rows = published_rows(published / "evaluations", published / "target_tuned_capability", SHIFTS,
-                          "classify_lora", MODEL)
+    rows = published_rows(
+        published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
+    )
     out = tmp_path / "out" / "metrics.csv"
     write_csv(out, rows)
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames
         back = list(reader)
-    assert header[:8] == PUBLISHED_COLUMNS == [
-        "source", "target", "target_reference", "generalization_accuracy", "baseline_accuracy",
-        "target_tuned_capability", "differential_elicitation", "source_ID_accuracy"]
+    assert (
+        header[:8]
+        == PUBLISHED_COLUMNS
+        == [
+            "source",
+            "target",
+            "target_reference",
+            "generalization_accuracy",
+            "baseline_accuracy",
+            "target_tuned_capability",
+            "differential_elicitation",
+            "source_ID_accuracy",
+        ]
+    )
     # ours follow; brier/ece are absent from published results, so they are not columns here
     assert header[8:] == ["intervention", "model", "category", "label", "elicitation"]
     assert [r["target_reference"] for r in back] == ["alpaca_mmlu", "arc_hard"]
@@ -172,14 +215,36 @@ def test_metrics_cli_writes_the_same_table(published, tmp_path, capsys):
     spec = tmp_path / "shifts.json"
     spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
     out = tmp_path / "cli.csv"
-    assert main(["genies", "metrics", "--evaluations", str(published / "evaluations"),
-                 "--capabilities", str(published / "target_tuned_capability"), "--shifts", str(spec),
-                 "--intervention", "classify_lora", "--model", MODEL, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "genies",
+                "metrics",
+                "--evaluations",
+                str(published / "evaluations"),
+                "--capabilities",
+                str(published / "target_tuned_capability"),
+                "--shifts",
+                str(spec),
+                "--intervention",
+                "classify_lora",
+                "--model",
+                MODEL,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "2 shifts" in printed and f"{((0.25 + 0.2 / 0.75) / 2):.4f}" in printed
     direct = tmp_path / "direct.csv"
-    write_csv(direct, published_rows(published / "evaluations", published / "target_tuned_capability", SHIFTS,
-                                     "classify_lora", MODEL))
+    write_csv(
+        direct,
+        published_rows(
+            published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
+        ),
+    )
     assert out.read_text() == direct.read_text()
 
 
@@ -199,12 +264,15 @@ def test_missing_result_file_names_the_path(published):
     assert str(missing) in str(e.value)
 
 
-@pytest.mark.parametrize("content,expected", [
-    ("{not json", "not valid JSON"),
-    ("[0.5]", "no numeric 'eval_accuracy'"),
-    ('{"eval_accuracy": "0.5"}', "no numeric 'eval_accuracy'"),
-    ('{"eval_accuracy": true}', "no numeric 'eval_accuracy'"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("{not json", "not valid JSON"),
+        ("[0.5]", "no numeric 'eval_accuracy'"),
+        ('{"eval_accuracy": "0.5"}', "no numeric 'eval_accuracy'"),
+        ('{"eval_accuracy": true}', "no numeric 'eval_accuracy'"),
+    ],
+)
 def test_read_number_rejects_bad_content(tmp_path, content, expected):
     path = tmp_path / "x.json"
     path.write_text(content)
@@ -220,9 +288,27 @@ def test_metrics_cli_bad_file_is_a_one_line_error(published, tmp_path, capsys):
     spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
     bad = published / "target_tuned_capability" / MODEL / "arc_hard.json"
     bad.write_text(json.dumps({"accuracy": 0.7}))
-    assert main(["genies", "metrics", "--evaluations", str(published / "evaluations"),
-                 "--capabilities", str(published / "target_tuned_capability"), "--shifts", str(spec),
-                 "--intervention", "classify_lora", "--model", MODEL, "--out", str(tmp_path / "o.csv")]) == 2
+    assert (
+        main(
+            [
+                "genies",
+                "metrics",
+                "--evaluations",
+                str(published / "evaluations"),
+                "--capabilities",
+                str(published / "target_tuned_capability"),
+                "--shifts",
+                str(spec),
+                "--intervention",
+                "classify_lora",
+                "--model",
+                MODEL,
+                "--out",
+                str(tmp_path / "o.csv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "best_intervention_accuracy" in err[0]
     assert not (tmp_path / "o.csv").exists()

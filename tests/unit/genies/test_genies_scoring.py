@@ -1,5 +1,6 @@
 """How GENIES text reaches the model (genies/scoring.py), the shared-prefix path of
 workers.scoring.sequence_logprob_sums, and the mass-mean probe's arithmetic."""
+
 from __future__ import annotations
 
 import math
@@ -8,16 +9,18 @@ import pytest
 import torch
 
 from alignflow.genies.data import expand_pairs
+from alignflow.genies.interventions.base import Scores
 from alignflow.genies.interventions.mass_mean import fit_slope, held_out_mask, pair_score
 from alignflow.genies.interventions.script import records_from_pairs
 from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress, prob_first, probs_from_scores
 from alignflow.genies.stages import score_table
-from alignflow.genies.interventions.base import Scores
 from alignflow.workers.models import load_causal_lm
 from alignflow.workers.scoring import pack, sequence_logprob_sums
 
-PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\nName a primary color.\n\n### Response:\n")
+PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\nName a primary color.\n\n### Response:\n"
+)
 RECORD = {"prompt": PROMPT, "responses": {"Red.": 1.0, "Green grass.": 0.0, "Purple, obviously.": 0.0, "Seven": 0.0}}
 
 
@@ -52,8 +55,10 @@ def test_shared_sequences_are_encoded_once(tiny):
 
 def test_two_prompts_sharing_a_response_stay_two_sequences(tiny):
     _, tokenizer = tiny
-    pairs = [{"prompt": "P1 ### Response:\n", "response_a": "yes", "response_b": "no", "preferred": 0},
-             {"prompt": "P2 ### Response:\n", "response_a": "yes", "response_b": "no", "preferred": 1}]
+    pairs = [
+        {"prompt": "P1 ### Response:\n", "response_a": "yes", "response_b": "no", "preferred": 0},
+        {"prompt": "P2 ### Response:\n", "response_a": "yes", "response_b": "no", "preferred": 1},
+    ]
     seqs = encode_pairs(tokenizer, pairs, max_tokens=64)
     assert seqs.pair_index == [(0, 1), (2, 3)]
 
@@ -69,7 +74,7 @@ def test_truncation_keeps_prompt_tail_and_response_head(tiny, max_tokens):
     assert len(full_prompt) > max_tokens and len(full_response) > max_tokens
     for prompt, response in zip(seqs.prompts, seqs.responses):
         assert len(prompt) + len(response) <= max_tokens
-        assert prompt == full_prompt[-len(prompt):]  # the prompt loses tokens from the left
+        assert prompt == full_prompt[-len(prompt) :]  # the prompt loses tokens from the left
         assert response[-1] == tokenizer.eos_token_id
     long_ids = seqs.responses[seqs.pair_index[0][0]]
     assert len(long_ids) == max_tokens // 2  # first max_tokens/2 - 1 response tokens, then EOS
@@ -101,8 +106,12 @@ def test_per_pair_progress_reports_pairs_while_counting_sequences():
 # -- the model -----------------------------------------------------------------
 def test_prefix_cache_equals_scoring_the_concatenation(tiny):
     model, tokenizer = tiny
-    pairs = expand_pairs([RECORD, {"prompt": "Say hi.\n### Response:\n", "responses": {"hi": 1.0, "bye now": 0.0}}],
-                         seed=0, distribution="d", split="test")
+    pairs = expand_pairs(
+        [RECORD, {"prompt": "Say hi.\n### Response:\n", "responses": {"hi": 1.0, "bye now": 0.0}}],
+        seed=0,
+        distribution="d",
+        split="test",
+    )
     seqs = encode_pairs(tokenizer, pairs, max_tokens=128, bos=False)
     prefix = tokenizer("Example instruction.\n### Response:\nExample answer.\n\n")["input_ids"]
     pad = tokenizer.pad_token_id
@@ -167,8 +176,12 @@ def test_pair_score_is_half_when_a_and_b_look_the_same():
 
 
 def test_held_out_mask_splits_by_record():
-    pairs = expand_pairs([{"prompt": f"q{i}", "responses": {"a": 1.0, "b": 0.0, "c": 0.0}} for i in range(40)],
-                         seed=0, distribution="d", split="train")
+    pairs = expand_pairs(
+        [{"prompt": f"q{i}", "responses": {"a": 1.0, "b": 0.0, "c": 0.0}} for i in range(40)],
+        seed=0,
+        distribution="d",
+        split="train",
+    )
     mask = held_out_mask(pairs, 0.25, seed=0)
     by_prompt = {}
     for pair, held in zip(pairs, mask.tolist()):
@@ -180,8 +193,11 @@ def test_held_out_mask_splits_by_record():
 
 # -- per-pair tables -----------------------------------------------------------
 def test_score_table_turns_p_a_into_p_preferred():
-    rows = [{"pair_id": "d/test/0/0", "preferred": 0}, {"pair_id": "d/test/1/0", "preferred": 1},
-            {"pair_id": "d/test/2/0", "preferred": 1}]
+    rows = [
+        {"pair_id": "d/test/0/0", "preferred": 0},
+        {"pair_id": "d/test/1/0", "preferred": 1},
+        {"pair_id": "d/test/2/0", "preferred": 1},
+    ]
     table, metrics = score_table(rows, Scores(p_a=[0.9, 0.2, 0.5]))
     assert table.column("p_preferred").to_pylist() == pytest.approx([0.9, 0.8, 0.5])
     assert metrics["accuracy"] == pytest.approx((1 + 1 + 0.5) / 3) and metrics["pairs"] == 3

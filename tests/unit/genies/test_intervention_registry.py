@@ -1,5 +1,6 @@
 """The intervention registry (genies/interventions/): each built-in names its module and
 config class, and GeniesConfig validates every section with the class beside it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,11 @@ from alignflow.genies.stages import InterventionSpec, intervention_specs
 def test_each_builtin_names_the_module_that_implements_it():
     assert BUILTIN == ("dpo", "few_shot", "lora_reward_model", "mass_mean_shift", "zero_shot")
     assert intervention_module("dpo") == "alignflow.genies.interventions.dpo"
-    assert intervention_module("few_shot") == intervention_module("zero_shot") == "alignflow.genies.interventions.zero_shot"
+    assert (
+        intervention_module("few_shot")
+        == intervention_module("zero_shot")
+        == "alignflow.genies.interventions.zero_shot"
+    )
     with pytest.raises(ValueError, match="unknown intervention 'nope'; built in: dpo, few_shot"):
         intervention_module("nope")
 
@@ -38,12 +43,18 @@ def test_the_yaml_shape_loads_and_round_trips():
     assert specs["dpo"].params == config.dpo.model_dump(mode="json")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("few_shot.k=0", "few_shot.k: Input should be greater than or equal to 1 (got 0)"),
-    ("dpo.loss=x", "dpo.loss: Input should be 'sigmoid', 'ipo' or 'hinge'"),
-    ("few_shot.z=1", "unknown key 'few_shot.z'; valid keys here: k, max_prefix_tokens, seed"),
-    ("fewshot.k=1", "unknown key 'fewshot'; valid keys here: ceiling, data_dir, dpo, executor, external, few_shot,"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("few_shot.k=0", "few_shot.k: Input should be greater than or equal to 1 (got 0)"),
+        ("dpo.loss=x", "dpo.loss: Input should be 'sigmoid', 'ipo' or 'hinge'"),
+        ("few_shot.z=1", "unknown key 'few_shot.z'; valid keys here: k, max_prefix_tokens, seed"),
+        (
+            "fewshot.k=1",
+            "unknown key 'fewshot'; valid keys here: ceiling, data_dir, dpo, executor, external, few_shot,",
+        ),
+    ],
+)
 def test_bad_sections_name_the_field(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(GeniesConfig, None, [override])
@@ -62,6 +73,7 @@ class ToyConfig(Strict):
 
 def test_a_registered_intervention_gets_a_validated_section():
     """What adding an intervention takes: a class and its config in one module of the folder."""
+
     @register("toy", ToyConfig)
     class Toy(BuiltinIntervention):
         trains = False

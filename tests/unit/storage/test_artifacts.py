@@ -1,4 +1,5 @@
 """The content-addressed artifact store (storage/artifacts.py) on a local tmp_path root."""
+
 import json
 from pathlib import Path
 
@@ -20,8 +21,15 @@ def _parent(content_hash="c" * 64):
 def test_commit_then_read_back(tmp_path):
     store = ArtifactStore(str(tmp_path))
     parent = _parent()
-    ref = store.commit("judge", "key1", tables=[_table()], parents=[parent], config={"mode": "refeval"},
-                       code_version="v1", metrics={"rows_out": 3})
+    ref = store.commit(
+        "judge",
+        "key1",
+        tables=[_table()],
+        parents=[parent],
+        config={"mode": "refeval"},
+        code_version="v1",
+        metrics={"rows_out": 3},
+    )
     assert (ref.stage, ref.key) == ("judge", "key1")
     assert ref.uri == f"{tmp_path}/judge/key1"
     assert store.is_committed("judge", "key1")
@@ -33,8 +41,15 @@ def test_commit_then_read_back(tmp_path):
 def test_manifest_fields(tmp_path):
     store = ArtifactStore(str(tmp_path))
     parent = _parent()
-    ref = store.commit("judge", "key1", tables=[_table(), _table([4, 5])], parents=[parent],
-                       config={"mode": "refeval", "k": 5}, code_version="v1", metrics={"rows_out": 5})
+    ref = store.commit(
+        "judge",
+        "key1",
+        tables=[_table(), _table([4, 5])],
+        parents=[parent],
+        config={"mode": "refeval", "k": 5},
+        code_version="v1",
+        metrics={"rows_out": 5},
+    )
     m = store.manifest("judge", "key1")
     assert m["stage"] == "judge" and m["key"] == "key1"
     assert m["rows"] == 5
@@ -156,7 +171,9 @@ def test_local_dirs_are_committed_and_hashed(tmp_path):
     with pytest.raises(ArtifactError, match="has no 'adapter' directory"):
         store.local_dir(ref, "adapter", tmp_path / "cache")
     # a second commit of the same files hashes the same, though the stored directory name differs
-    again = ArtifactStore(str(tmp_path / "root2")).commit("train_dpo", "k", tables=[_table()], local_dirs={"merged": src})
+    again = ArtifactStore(str(tmp_path / "root2")).commit(
+        "train_dpo", "k", tables=[_table()], local_dirs={"merged": src}
+    )
     assert again.content_hash == ref.content_hash
 
 
@@ -224,8 +241,9 @@ def test_shards_written_by_many_writers_commit_to_the_one_writer_artifact(tmp_pa
     ref = store.commit("sample", "k1", shards=[first, second])
     assert store.in_progress() == []
     assert store.read_rows(ref)[2:] == [{"id": 3, "text": None}, {"id": 4, "text": "row 4"}, {"id": 5, "text": "row 5"}]
-    one_writer = store.commit("sample", "k2", tables=[pa.table({"id": [1, 2, 3], "text": [None, None, None]}),
-                                                      _table([4, 5])])
+    one_writer = store.commit(
+        "sample", "k2", tables=[pa.table({"id": [1, 2, 3], "text": [None, None, None]}), _table([4, 5])]
+    )
     assert ref.content_hash == one_writer.content_hash
     assert store.manifest("sample", "k1")["parts"] == [first["part"], second["part"]]
 

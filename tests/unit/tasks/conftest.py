@@ -1,4 +1,5 @@
 """The tiny model loaded once per test module, for the stage logic that needs a real tokenizer or forward pass."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Stage keys from the import graph: a stage's code version covers every project
 module it imports (indirectly too), the model libraries where it runs a model,
 and, for GENIES, only the intervention its spec names."""
+
 from __future__ import annotations
 
 import importlib
@@ -13,10 +14,19 @@ from alignflow.tasks.code_graph import CodeGraph, installed_version
 from alignflow.tasks.stage import Stage
 
 STAGE_MODULES = [
-    "alignflow.tasks.prompts", "alignflow.tasks.sample", "alignflow.tasks.judge", "alignflow.tasks.pairs",
-    "alignflow.tasks.logprobs", "alignflow.tasks.train_dpo", "alignflow.tasks.train_sega", "alignflow.tasks.train_sft",
-    "alignflow.tasks.entropy", "alignflow.tasks.preferences", "alignflow.tasks.pref_accuracy",
-    "alignflow.genies.stages", "alignflow.genies.report",
+    "alignflow.tasks.prompts",
+    "alignflow.tasks.sample",
+    "alignflow.tasks.judge",
+    "alignflow.tasks.pairs",
+    "alignflow.tasks.logprobs",
+    "alignflow.tasks.train_dpo",
+    "alignflow.tasks.train_sega",
+    "alignflow.tasks.train_sft",
+    "alignflow.tasks.entropy",
+    "alignflow.tasks.preferences",
+    "alignflow.tasks.pref_accuracy",
+    "alignflow.genies.stages",
+    "alignflow.genies.report",
 ]
 SPEC_STAGES = {"genies_train", "genies_evaluate"}  # their key depends on the spec: tested on their own below
 
@@ -38,8 +48,11 @@ def edited(module: str) -> CodeGraph:
 
 def changed_stages(graph: CodeGraph) -> set[str]:
     before = CodeGraph()
-    return {name for name, stage in project_stages().items()
-            if stage.code_version(None, before) != stage.code_version(None, graph)}
+    return {
+        name
+        for name, stage in project_stages().items()
+        if stage.code_version(None, before) != stage.code_version(None, graph)
+    }
 
 
 def test_model_stages_reach_the_model_loader_and_model_free_ones_do_not():
@@ -75,8 +88,9 @@ def test_a_library_upgrade_changes_model_stages_only():
 def test_editing_one_intervention_changes_only_its_own_genies_keys(stage):
     specs = {name: InterventionSpec(name=name) for name in ("zero_shot", "mass_mean_shift", "dpo", "lora_reward_model")}
     before, after = CodeGraph(), edited("alignflow.genies.interventions.mass_mean")
-    changed = {name for name, spec in specs.items()
-               if stage.code_version(spec, before) != stage.code_version(spec, after)}
+    changed = {
+        name for name, spec in specs.items() if stage.code_version(spec, before) != stage.code_version(spec, after)
+    }
     assert changed == {"mass_mean_shift"}
     # the stage module itself imports the registry, which is hashed but not followed into every intervention
     assert not any(".interventions.dpo" in m for m in before.modules("alignflow.genies.stages"))
@@ -93,31 +107,42 @@ def write_package(root: Path, files: dict[str, str]) -> None:
 
 def test_graph_follows_relative_function_level_and_submodule_imports(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    write_package(tmp_path, {
-        "cgpkg/__init__.py": "",
-        "cgpkg/sub/__init__.py": "from . import registered\n",
-        "cgpkg/sub/registered.py": "",
-        "cgpkg/sub/leafy.py": "from ..util import helper\n",
-        "cgpkg/stage.py": (
-            "from typing import TYPE_CHECKING\n"
-            "from .sub import leafy\n"  # a submodule named in from-import
-            "from cgpkg.tools import helper\n"  # an attribute: the module is cgpkg.tools
-            "import json\n"  # outside the project
-            "if TYPE_CHECKING:\n    from cgpkg import typing_only\n"
-            "def run():\n    from .deferred import go\n    return go()\n"
-        ),
-        "cgpkg/tools.py": "def helper():\n    return 1\n",
-        "cgpkg/util.py": "def helper():\n    return 1\n",  # reached only by leafy's two-level relative import
-        "cgpkg/deferred.py": "def go():\n    return 2\n",
-        "cgpkg/typing_only.py": "",
-    })
+    write_package(
+        tmp_path,
+        {
+            "cgpkg/__init__.py": "",
+            "cgpkg/sub/__init__.py": "from . import registered\n",
+            "cgpkg/sub/registered.py": "",
+            "cgpkg/sub/leafy.py": "from ..util import helper\n",
+            "cgpkg/stage.py": (
+                "from typing import TYPE_CHECKING\n"
+                "from .sub import leafy\n"  # a submodule named in from-import
+                "from cgpkg.tools import helper\n"  # an attribute: the module is cgpkg.tools
+                "import json\n"  # outside the project
+                "if TYPE_CHECKING:\n    from cgpkg import typing_only\n"
+                "def run():\n    from .deferred import go\n    return go()\n"
+            ),
+            "cgpkg/tools.py": "def helper():\n    return 1\n",
+            "cgpkg/util.py": "def helper():\n    return 1\n",  # reached only by leafy's two-level relative import
+            "cgpkg/deferred.py": "def go():\n    return 2\n",
+            "cgpkg/typing_only.py": "",
+        },
+    )
     graph = CodeGraph(project="cgpkg", leaves=frozenset())
     assert graph.modules("cgpkg.stage") == {
-        "cgpkg", "cgpkg.stage", "cgpkg.sub", "cgpkg.sub.leafy", "cgpkg.sub.registered", "cgpkg.tools", "cgpkg.util",
-        "cgpkg.deferred"}
+        "cgpkg",
+        "cgpkg.stage",
+        "cgpkg.sub",
+        "cgpkg.sub.leafy",
+        "cgpkg.sub.registered",
+        "cgpkg.tools",
+        "cgpkg.util",
+        "cgpkg.deferred",
+    }
     # a leaf (a registry) is hashed, its imports are not followed
     assert "cgpkg.sub.registered" not in CodeGraph(project="cgpkg", leaves=frozenset({"cgpkg.sub"})).modules(
-        "cgpkg.stage")
+        "cgpkg.stage"
+    )
 
     version = graph.code_version("cgpkg.stage")
     (tmp_path / "cgpkg" / "deferred.py").write_text("def go():\n    return 3\n")

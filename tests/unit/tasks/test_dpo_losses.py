@@ -3,6 +3,7 @@
 Every expected number is worked out by hand in the comments; none comes from
 calling the function under test.
 """
+
 import math
 
 import pytest

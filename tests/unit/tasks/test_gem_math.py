@@ -1,4 +1,5 @@
 """GEM's numbers by hand: entropy, Eq. 1 spans and score, SEGA advantages, loss and gradient."""
+
 from __future__ import annotations
 
 import math

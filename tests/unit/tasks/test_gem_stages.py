@@ -1,6 +1,7 @@
 """GEM stage logic on hand-made rows and the tiny model: entropy scoring, ranking and
 pairs, SEGA groups and objective, preference accuracy per dataset, pair encoding,
 and the preferences stage helpers."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,13 @@ import torch
 from alignflow.config import EntropyConfig, SEGAConfig
 from alignflow.tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate, top_vs_bottom_pairs
 from alignflow.tasks.pref_accuracy import accuracy_by_dataset, scored_sides
-from alignflow.tasks.preferences import PreferenceFileError, compute_preferences, fingerprint, preference_set, resolve_spec
+from alignflow.tasks.preferences import (
+    PreferenceFileError,
+    compute_preferences,
+    fingerprint,
+    preference_set,
+    resolve_spec,
+)
 from alignflow.tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
 from alignflow.workers.chat import encode_pair, fit_response, prompt_ids
 from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
@@ -27,8 +34,15 @@ def _candidate(tokenizer, text: str, finish_reason: str, stop_entropy: float = 5
     entropies = [0.1 * (i + 1) for i in range(len(ids))]
     if finish_reason == "stop":
         ids, entropies = ids + [tokenizer.eos_token_id], entropies + [stop_entropy]
-    return {"prompt_id": "p", "candidate": 0, "response": text, "token_ids": ids, "entropies": entropies,
-            "finish_reason": finish_reason, **extra}
+    return {
+        "prompt_id": "p",
+        "candidate": 0,
+        "response": text,
+        "token_ids": ids,
+        "entropies": entropies,
+        "finish_reason": finish_reason,
+        **extra,
+    }
 
 
 # -- entropy stage ---------------------------------------------------------------
@@ -54,7 +68,7 @@ def test_score_finds_the_marker_and_scores_the_tokens_after_it(tokenizer):
     assert row["marker_found"] is True
     n_final, n_reasoning = row["final_tokens"], row["reasoning_tokens"]
     # the final span is exactly the text after the marker; the reasoning ends before the marker
-    assert tokenizer.decode(ids[len(ids) - n_final:]) == text[text.rfind(MARKER) + len(MARKER):]
+    assert tokenizer.decode(ids[len(ids) - n_final :]) == text[text.rfind(MARKER) + len(MARKER) :]
     assert tokenizer.decode(ids[:n_reasoning]).strip() == "Let me think."
     assert row["final_entropy"] == pytest.approx(sum(entropies[-n_final:]) / n_final)
     top = sorted(entropies[:n_reasoning], reverse=True)[: math.ceil(0.5 * n_reasoning)]
@@ -92,8 +106,15 @@ def _scored(prompt_id, candidate, score):
     return {"prompt_id": prompt_id, "candidate": candidate, "score": score}
 
 
-ROWS = [_scored("a", 0, 1.0), _scored("a", 1, 1.2), _scored("a", 2, -50.0), _scored("a", 3, 1.1),
-        _scored("b", 0, 0.9), _scored("b", 1, 1.15), _scored("b", 2, 1.05)]
+ROWS = [
+    _scored("a", 0, 1.0),
+    _scored("a", 1, 1.2),
+    _scored("a", 2, -50.0),
+    _scored("a", 3, 1.1),
+    _scored("b", 0, 0.9),
+    _scored("b", 1, 1.15),
+    _scored("b", 2, 1.05),
+]
 
 
 def test_rank_zero_is_the_highest_score_within_each_prompt():
@@ -103,8 +124,9 @@ def test_rank_zero_is_the_highest_score_within_each_prompt():
 
 def test_low_outlier_is_dropped_only_with_trim_outliers():
     kept_off = {(r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(ROWS, EntropyConfig())}
-    kept_on = {(r["prompt_id"], r["candidate"]): r["kept"]
-               for r in rank_and_trim(ROWS, EntropyConfig(trim_outliers=True))}
+    kept_on = {
+        (r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(ROWS, EntropyConfig(trim_outliers=True))
+    }
     assert all(kept_off.values())
     assert [k for k, kept in kept_on.items() if not kept] == [("a", 2)]
 
@@ -116,29 +138,55 @@ def test_pairs_are_best_kept_versus_worst_kept_per_prompt():
     def score(prompt_id, candidate, rank, value, kept=True):
         return {"prompt_id": prompt_id, "candidate": candidate, "rank": rank, "score": value, "kept": kept}
 
-    candidates = [cand("a", 0, "mid"), cand("a", 1, "best"), cand("a", 2, "trimmed"), cand("a", 3, "worst kept"),
-                  cand("b", 0, "same"), cand("b", 1, "same"),  # identical texts
-                  cand("c", 0, "alone"), cand("c", 1, "trimmed")]  # a single kept candidate
-    scores = [score("a", 1, 0, 3.0), score("a", 0, 1, 2.0), score("a", 3, 2, 1.0), score("a", 2, 3, -9.0, kept=False),
-              score("b", 0, 0, 2.0), score("b", 1, 1, 1.0),
-              score("c", 0, 0, 2.0), score("c", 1, 1, -9.0, kept=False)]
+    candidates = [
+        cand("a", 0, "mid"),
+        cand("a", 1, "best"),
+        cand("a", 2, "trimmed"),
+        cand("a", 3, "worst kept"),
+        cand("b", 0, "same"),
+        cand("b", 1, "same"),  # identical texts
+        cand("c", 0, "alone"),
+        cand("c", 1, "trimmed"),
+    ]  # a single kept candidate
+    scores = [
+        score("a", 1, 0, 3.0),
+        score("a", 0, 1, 2.0),
+        score("a", 3, 2, 1.0),
+        score("a", 2, 3, -9.0, kept=False),
+        score("b", 0, 0, 2.0),
+        score("b", 1, 1, 1.0),
+        score("c", 0, 0, 2.0),
+        score("c", 1, 1, -9.0, kept=False),
+    ]
     assert top_vs_bottom_pairs(candidates, scores) == [
-        {"id": "a", "prompt_id": "a", "prompt": "q-a", "chosen": "best", "rejected": "worst kept", "margin": 2.0}]
+        {"id": "a", "prompt_id": "a", "prompt": "q-a", "chosen": "best", "rejected": "worst kept", "margin": 2.0}
+    ]
 
 
 # -- SEGA ------------------------------------------------------------------------
 def _sega_rows():
     def cand(prompt_id, candidate):
-        return {"prompt_id": prompt_id, "candidate": candidate, "prompt_ids": [1, len(prompt_id)],
-                "token_ids": [10 + candidate, 2]}
+        return {
+            "prompt_id": prompt_id,
+            "candidate": candidate,
+            "prompt_ids": [1, len(prompt_id)],
+            "token_ids": [10 + candidate, 2],
+        }
 
     def score(prompt_id, candidate, value, kept=True):
         return {"prompt_id": prompt_id, "candidate": candidate, "score": value, "kept": kept}
 
     candidates = [cand(p, c) for p, n in (("p1", 4), ("p2", 2), ("p3", 2)) for c in range(n)]
-    scores = [score("p1", 0, 1.0), score("p1", 1, 3.0), score("p1", 2, -7.0, kept=False), score("p1", 3, 2.0),
-              score("p2", 0, 1.0), score("p2", 1, 5.0, kept=False),  # one kept
-              score("p3", 0, 0.5), score("p3", 1, 0.5)]  # equal scores
+    scores = [
+        score("p1", 0, 1.0),
+        score("p1", 1, 3.0),
+        score("p1", 2, -7.0, kept=False),
+        score("p1", 3, 2.0),
+        score("p2", 0, 1.0),
+        score("p2", 1, 5.0, kept=False),  # one kept
+        score("p3", 0, 0.5),
+        score("p3", 1, 0.5),
+    ]  # equal scores
     return candidates, scores
 
 
@@ -164,10 +212,18 @@ def _sega_batch(tokenizer):
     """Two groups with prompts and responses of different lengths (responses end with end-of-turn)."""
     eot = tokenizer.eos_token_id
     return [
-        {"prompt_id": "g1", "prompt_ids": prompt_ids(tokenizer, "Name a colour."),
-         "responses": [[40, 50, eot], [60, eot], [70, 80, 90, 100, eot]], "advantages": [0.5, -0.2, -0.3]},
-        {"prompt_id": "g2", "prompt_ids": prompt_ids(tokenizer, "A much longer question about something else?"),
-         "responses": [[33, 44, 55, 66, eot], [77, eot]], "advantages": [-0.4, 0.4]},
+        {
+            "prompt_id": "g1",
+            "prompt_ids": prompt_ids(tokenizer, "Name a colour."),
+            "responses": [[40, 50, eot], [60, eot], [70, 80, 90, 100, eot]],
+            "advantages": [0.5, -0.2, -0.3],
+        },
+        {
+            "prompt_id": "g2",
+            "prompt_ids": prompt_ids(tokenizer, "A much longer question about something else?"),
+            "responses": [[33, 44, 55, 66, eot], [77, eot]],
+            "advantages": [-0.4, 0.4],
+        },
     ]
 
 
@@ -175,8 +231,9 @@ def _expected_sega_loss(model, tokenizer, groups, length_normalize=False):
     """Mean over groups of -(1/k) sum_i A_i log pi(a_i), from independently computed sums."""
     losses = []
     for g in groups:
-        sums = sequence_logprob_sums(model, tokenizer.pad_token_id, [g["prompt_ids"]] * len(g["responses"]),
-                                     g["responses"], token_budget=4096)
+        sums = sequence_logprob_sums(
+            model, tokenizer.pad_token_id, [g["prompt_ids"]] * len(g["responses"]), g["responses"], token_budget=4096
+        )
         logps = [s / len(r) if length_normalize else s for s, r in zip(sums, g["responses"])]
         losses.append(-sum(a * lp for a, lp in zip(g["advantages"], logps)) / len(logps))
     return sum(losses) / len(losses)
@@ -198,8 +255,9 @@ def test_sega_loss_matches_listwise_formula_per_group(model_and_tokenizer, lengt
     model, tokenizer = model_and_tokenizer
     groups = _sega_batch(tokenizer)
     with torch.no_grad():
-        loss, metrics = sega_objective(SEGAConfig(length_normalize=length_normalize),
-                                       tokenizer.pad_token_id).batch_loss(model, groups)
+        loss, metrics = sega_objective(
+            SEGAConfig(length_normalize=length_normalize), tokenizer.pad_token_id
+        ).batch_loss(model, groups)
     expected = _expected_sega_loss(model, tokenizer, groups, length_normalize)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert metrics["kl"] == 0.0
@@ -222,18 +280,33 @@ def test_accuracy_by_dataset_reports_ties_apart_from_correct():
     def row(dataset, chosen, rejected):
         return {"dataset": dataset, "chosen_reward": chosen, "rejected_reward": rejected}
 
-    rows = [row("a", 1.0, 0.0), row("a", 0.5, 0.5),  # correct, tie
-            row("b", 0.0, 1.0), row("b", 2.0, 1.0), row("b", 3.0, 2.0)]  # wrong, correct, correct
+    rows = [
+        row("a", 1.0, 0.0),
+        row("a", 0.5, 0.5),  # correct, tie
+        row("b", 0.0, 1.0),
+        row("b", 2.0, 1.0),
+        row("b", 3.0, 2.0),
+    ]  # wrong, correct, correct
     metrics = accuracy_by_dataset(rows)
     assert metrics["pairs"] == 5 and metrics["accuracy"] == 0.6 and metrics["ties"] == 0.2
     per_dataset = {k: v for k, v in metrics.items() if "/" in k}
-    assert per_dataset == {"pairs/a": 2, "accuracy/a": 0.5, "ties/a": 0.5, "mean_margin/a": 0.5,
-                           "pairs/b": 3, "accuracy/b": 0.6667, "ties/b": 0.0, "mean_margin/b": 0.3333}
+    assert per_dataset == {
+        "pairs/a": 2,
+        "accuracy/a": 0.5,
+        "ties/a": 0.5,
+        "mean_margin/a": 0.5,
+        "pairs/b": 3,
+        "accuracy/b": 0.6667,
+        "ties/b": 0.0,
+        "mean_margin/b": 0.3333,
+    }
 
 
 def test_scored_sides_follow_the_order_of_the_pairs():
-    rows = [{"id": "x", "chosen_logp": -1.0, "rejected_logp": -2.0},
-            {"id": "y", "chosen_logp": -3.0, "rejected_logp": -4.0}]
+    rows = [
+        {"id": "x", "chosen_logp": -1.0, "rejected_logp": -2.0},
+        {"id": "y", "chosen_logp": -3.0, "rejected_logp": -4.0},
+    ]
     assert scored_sides(rows, [{"id": "y"}, {"id": "x"}]) == ([-3.0, -1.0], [-4.0, -2.0])
     with pytest.raises(ValueError, match="e.g. ds/z"):
         scored_sides(rows, [{"id": "x"}, {"id": "ds/z"}])
@@ -264,8 +337,8 @@ def test_encode_pair_respects_the_limits(tokenizer):
     out = encode_pair(tokenizer, {"prompt": long, "chosen": long, "rejected": "No"}, [eot], 24, 6)
     assert len(prompt_ids(tokenizer, long)) > 24 and len(out["prompt_ids"]) <= 24
     short = prompt_ids(tokenizer, "x")
-    header = short[short.index(eot):]  # end of the user turn and the assistant header
-    assert out["prompt_ids"][-len(header):] == header
+    header = short[short.index(eot) :]  # end of the user turn and the assistant header
+    assert out["prompt_ids"][-len(header) :] == header
     assert len(out["chosen_ids"]) == 6 and out["chosen_ids"][-1] == eot
     assert out["rejected_ids"][-1] == eot and len(out["rejected_ids"]) < 6
 
@@ -299,23 +372,43 @@ def test_preference_set_needs_a_source(tmp_path):
 
 @pytest.fixture
 def two_sources(tmp_path):
-    first = _write_jsonl(tmp_path / "first.jsonl", [
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": "2+2?", "chosen": "four", "rejected": "22"},
-        {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
-    ])
-    second = _write_jsonl(tmp_path / "second.jsonl", [
-        {"id": f"s{i}", "prompt": "2+2?" if i == 0 else f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
-        for i in range(6)
-    ])
+    first = _write_jsonl(
+        tmp_path / "first.jsonl",
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {"prompt": "2+2?", "chosen": "four", "rejected": "22"},
+            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+        ],
+    )
+    second = _write_jsonl(
+        tmp_path / "second.jsonl",
+        [
+            {
+                "id": f"s{i}",
+                "prompt": "2+2?" if i == 0 else f"question {i}",
+                "chosen": f"good {i}",
+                "rejected": f"bad {i}",
+            }
+            for i in range(6)
+        ],
+    )
     return {"first": str(first), "second": str(second)}
 
 
 def test_compute_preferences_labels_rows_by_dataset_and_prompt(two_sources, tmp_path):
     out = compute_preferences(None, preference_set(two_sources, tmp_path), "key")
     rows = out.tables[0].to_pylist()
-    assert [r["id"] for r in rows] == ["first/first.jsonl:1", "first/first.jsonl:2", "first/first.jsonl:3",
-                                       "second/s0", "second/s1", "second/s2", "second/s3", "second/s4", "second/s5"]
+    assert [r["id"] for r in rows] == [
+        "first/first.jsonl:1",
+        "first/first.jsonl:2",
+        "first/first.jsonl:3",
+        "second/s0",
+        "second/s1",
+        "second/s2",
+        "second/s3",
+        "second/s4",
+        "second/s5",
+    ]
     assert [r["dataset"] for r in rows] == ["first"] * 3 + ["second"] * 6
     by_prompt = {}
     for r in rows:

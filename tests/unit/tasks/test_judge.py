@@ -1,11 +1,11 @@
 """The judge's verdict parser (tasks/judge.py): soft verdicts from the top-k at the
 label position, read only from the judge's own generated tokens."""
+
 import math
 
 import pytest
 
 from alignflow.config import JudgeConfig
-from alignflow.workers.backend import Completion, regroup
 from alignflow.tasks.judge import (
     agreement_metrics,
     judge_candidates,
@@ -15,6 +15,7 @@ from alignflow.tasks.judge import (
     soft_verdict,
     token_f1,
 )
+from alignflow.workers.backend import Completion, regroup
 
 # A fake vocabulary: token id -> text. decode() joins the pieces, as a tokenizer would.
 VOCAB = {
@@ -191,8 +192,14 @@ class _ScriptedJudge:
         top = [[(t, -0.01)] for t in ids]
         if ids:
             top[label_at] = self.label_top
-        return [[Completion(token_ids=ids, text=self.text, logprobs=[-0.01] * len(ids), finish_reason="stop",
-                            top_logprobs=top)] for _ in prompts]
+        return [
+            [
+                Completion(
+                    token_ids=ids, text=self.text, logprobs=[-0.01] * len(ids), finish_reason="stop", top_logprobs=top
+                )
+            ]
+            for _ in prompts
+        ]
 
     def next_token(self, groups, top_logprobs, progress=None):
         flat = self.generate([p for group in groups for p in group], None, None)

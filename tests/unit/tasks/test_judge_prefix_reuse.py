@@ -1,5 +1,6 @@
 """Judge prefix reuse on the hf backend: each prompt's comparisons share rules, instruction and
 reference, whose KV cache is computed once; the verdicts are those of the one-token generate path."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,12 @@ from alignflow.config import JudgeConfig
 from alignflow.tasks.judge import judge_candidates
 from alignflow.workers.hf import HFBackend, shared_prefix_length
 
-RESPONSES = ["Yes.", "It depends on the context, but usually the answer is yes.", "No", "Paris is the capital of France."]
+RESPONSES = [
+    "Yes.",
+    "It depends on the context, but usually the answer is yes.",
+    "No",
+    "Paris is the capital of France.",
+]
 
 
 def _candidate_rows(prompts: int, candidates: int) -> list[dict]:
@@ -19,8 +25,16 @@ def _candidate_rows(prompts: int, candidates: int) -> list[dict]:
     rows = []
     for i, line in enumerate(lines[:prompts]):
         demo = json.loads(line)
-        rows += [{"prompt_id": f"p{i}", "prompt": demo["prompt"], "reference": demo.get("reference", ""),
-                  "candidate": c, "response": RESPONSES[(i + c) % len(RESPONSES)] * (1 + c)} for c in range(candidates)]
+        rows += [
+            {
+                "prompt_id": f"p{i}",
+                "prompt": demo["prompt"],
+                "reference": demo.get("reference", ""),
+                "candidate": c,
+                "response": RESPONSES[(i + c) % len(RESPONSES)] * (1 + c),
+            }
+            for c in range(candidates)
+        ]
     return rows
 
 

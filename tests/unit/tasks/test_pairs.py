@@ -1,4 +1,5 @@
 """Candidate scores, pair choice and the pairs stage's row logic (tasks/pairs.py)."""
+
 import pytest
 
 from alignflow.config import PairsConfig
@@ -76,13 +77,23 @@ def test_choose_pair_fewer_than_two():
 
 def _row(pid, cand, response, n_tokens=3, prompt="Q"):
     return {
-        "prompt_id": pid, "prompt": prompt, "reference": "R", "candidate": cand,
-        "response": response, "token_ids": list(range(n_tokens)),
+        "prompt_id": pid,
+        "prompt": prompt,
+        "reference": "R",
+        "candidate": cand,
+        "response": response,
+        "token_ids": list(range(n_tokens)),
     }
 
 
 def test_unique_candidates_dedupes_exact_text_keeping_lowest_index():
-    rows = [_row("p", 2, "Hello"), _row("p", 0, "hi"), _row("p", 1, "Hello"), _row("p", 3, "hello"), _row("p", 4, "Hello ")]
+    rows = [
+        _row("p", 2, "Hello"),
+        _row("p", 0, "hi"),
+        _row("p", 1, "Hello"),
+        _row("p", 3, "hello"),
+        _row("p", 4, "Hello "),
+    ]
     out = unique_candidates(rows)
     assert [(r["candidate"], r["response"]) for r in out] == [(0, "hi"), (1, "Hello"), (3, "hello"), (4, "Hello ")]
 
@@ -120,19 +131,27 @@ def test_build_pairs_length_filter_drops_long_responses():
 def test_build_pairs_skip_reasons_and_duplicate_text():
     cands = [
         # p: two candidates with the same text -> one unique candidate
-        _row("p", 0, "same"), _row("p", 1, "same"),
+        _row("p", 0, "same"),
+        _row("p", 1, "same"),
         # q: all scores equal
-        _row("q", 0, "x"), _row("q", 1, "y"),
+        _row("q", 0, "x"),
+        _row("q", 1, "y"),
         # r: margin 0.2 below min_margin 0.3
-        _row("r", 0, "u"), _row("r", 1, "v"),
+        _row("r", 0, "u"),
+        _row("r", 1, "v"),
         # s: margin 0.8
-        _row("s", 0, "m"), _row("s", 1, "n"),
+        _row("s", 0, "m"),
+        _row("s", 1, "n"),
     ]
     judgments = [
-        _j("p", 0, 1, 0.9), _j("p", 1, 0, 0.1),  # both scored, but 1 duplicates 0's text
-        _j("q", 0, 1, 0.5), _j("q", 1, 0, 0.5),
-        _j("r", 0, 1, 0.6), _j("r", 1, 0, 0.4),  # r0: (0.6 + 0.6)/2 = 0.6, r1: 0.4
-        _j("s", 0, 1, 0.1), _j("s", 1, 0, 0.9),  # s0: 0.1, s1: 0.9 -> chosen 1, rejected 0
+        _j("p", 0, 1, 0.9),
+        _j("p", 1, 0, 0.1),  # both scored, but 1 duplicates 0's text
+        _j("q", 0, 1, 0.5),
+        _j("q", 1, 0, 0.5),
+        _j("r", 0, 1, 0.6),
+        _j("r", 1, 0, 0.4),  # r0: (0.6 + 0.6)/2 = 0.6, r1: 0.4
+        _j("s", 0, 1, 0.1),
+        _j("s", 1, 0, 0.9),  # s0: 0.1, s1: 0.9 -> chosen 1, rejected 0
     ]
     pairs, metrics = build_pairs(cands, judgments, PairsConfig(min_margin=0.3))
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs] == [("s", "n", "m")]

@@ -1,4 +1,5 @@
 """Preference loaders: every format, column mapping, GENIES pairs, and bad rows by file and line."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ import pytest
 
 from alignflow.tasks.preferences import PreferenceFileError, read_preferences
 
-ROWS = [{"question": "2+2?", "good": "4", "bad": "5"}, {"question": "Capital of France?", "good": "Paris", "bad": "Rome"}]
+ROWS = [
+    {"question": "2+2?", "good": "4", "bad": "5"},
+    {"question": "Capital of France?", "good": "Paris", "bad": "Rome"},
+]
 MAPPING = {"prompt": "question", "chosen": "good", "rejected": "bad"}
 EXPECTED = [("2+2?", "4", "5"), ("Capital of France?", "Paris", "Rome")]
 
@@ -32,7 +36,12 @@ def test_jsonl_parquet_and_datasets_folder_read_the_same(tmp_path):
 
 def test_bad_rows_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+        + "\n\n"
+        + json.dumps({"prompt": "a", "chosen": "b"})
+        + "\n"
+    )
     with pytest.raises(PreferenceFileError, match=r"bad.jsonl:3: field 'rejected' \(rejected\) is missing"):
         read_preferences(str(path))
     path.write_text("{not json\n")

@@ -2,6 +2,7 @@
 stage's declared schema and writes it in that schema; a real self-improve run's
 artifacts read back in exactly the declared types. Also the stage examples and the
 training curves a user sees in the Prefect UI, drawn from those artifacts."""
+
 from __future__ import annotations
 
 import base64
@@ -25,20 +26,32 @@ from alignflow.tasks.stage import RunContext, StageOutput, run_context
 from alignflow.tasks.stage_report import escape
 from alignflow.tasks.train_dpo import TRAIN_DPO
 
-PAIR = {"prompt_id": "p1", "prompt": "Say hi", "reference": "hi", "chosen": "hi", "rejected": "no",
-        "chosen_candidate": 0, "rejected_candidate": 1, "chosen_score": 0.75, "rejected_score": 0.25}
+PAIR = {
+    "prompt_id": "p1",
+    "prompt": "Say hi",
+    "reference": "hi",
+    "chosen": "hi",
+    "rejected": "no",
+    "chosen_candidate": 0,
+    "rejected_candidate": 1,
+    "chosen_score": 0.75,
+    "rejected_score": 0.25,
+}
 
 
 def commit_pairs(store: ArtifactStore, rows: list[dict]):
     return store.commit("pairs", "k1", tables=[pa.Table.from_pylist(rows)], schema=PAIR_ROWS)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"chosen_score": "high"}, "pairs: output column 'chosen_score' should be double, found string"),
-    ({"chosen_candidate": 0.5}, "pairs: output column 'chosen_candidate' should be int64, found double"),
-    ({"extra": 1}, "pairs: output column 'extra' (int64) is not in the stage's declared schema"),
-    ({"reference": None, "prompt": 3}, "pairs: output column 'prompt' should be string, found int64"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"chosen_score": "high"}, "pairs: output column 'chosen_score' should be double, found string"),
+        ({"chosen_candidate": 0.5}, "pairs: output column 'chosen_candidate' should be int64, found double"),
+        ({"extra": 1}, "pairs: output column 'extra' (int64) is not in the stage's declared schema"),
+        ({"reference": None, "prompt": 3}, "pairs: output column 'prompt' should be string, found int64"),
+    ],
+)
 def test_commit_rejects_a_mistyped_or_extra_column_and_commits_nothing(tmp_path, change, message):
     store = ArtifactStore(str(tmp_path))
     with pytest.raises(ArtifactError) as error:
@@ -74,8 +87,9 @@ def test_a_shard_part_is_checked_and_written_in_the_schema(tmp_path):
     with pytest.raises(ArtifactError, match="pairs: output column 'chosen_score' should be double, found string"):
         store.write_shard("pairs", "k1", 0, pa.Table.from_pylist([{**PAIR, "chosen_score": "x"}]), schema=PAIR_ROWS)
     assert not store.shard_receipts("pairs", "k1")
-    receipt = store.write_shard("pairs", "k1", 0, pa.Table.from_pylist([{**PAIR, "reference": None}]),
-                                schema=PAIR_ROWS, work=1)
+    receipt = store.write_shard(
+        "pairs", "k1", 0, pa.Table.from_pylist([{**PAIR, "reference": None}]), schema=PAIR_ROWS, work=1
+    )
     assert store.read_shards("pairs", "k1", [receipt]).schema == PAIR_ROWS
 
 
@@ -93,8 +107,13 @@ def test_a_stage_whose_rows_break_its_schema_fails_with_its_name_and_leaves_no_m
 
 # -- a real run ------------------------------------------------------------------
 DIRECT = Steps(PROMPTS.run, base_model_ref, SAMPLE.run, JUDGE.run, PAIRS.run, LOGPROBS.run, TRAIN_DPO.run)
-STAGES = {"sample": (SAMPLE, "sample"), "judge": (JUDGE, "judge"), "pairs": (PAIRS, "pairs"),
-          "logprobs": (LOGPROBS, "logprobs"), "train_dpo": (TRAIN_DPO, "dpo")}
+STAGES = {
+    "sample": (SAMPLE, "sample"),
+    "judge": (JUDGE, "judge"),
+    "pairs": (PAIRS, "pairs"),
+    "logprobs": (LOGPROBS, "logprobs"),
+    "train_dpo": (TRAIN_DPO, "dpo"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +147,13 @@ def test_judge_examples_show_the_instruction_both_outputs_and_both_verdicts(tiny
     store = ctx.store()
     markdown = JUDGE.examples(store, refs["judge"], {"candidates": refs["sample"]})
     assert markdown.count("## example") == 3
-    for field in ("| instruction |", "| reference |", "better), shown first |", "better), shown second |",
-                  "| judge said (both orders) |"):
+    for field in (
+        "| instruction |",
+        "| reference |",
+        "better), shown first |",
+        "better), shown second |",
+        "| judge said (both orders) |",
+    ):
         assert markdown.count(field) == 3, field
     prompts = {r["prompt"] for r in store.read_rows(refs["sample"])}
     assert any(escape(prompt)[:40] in markdown for prompt in prompts)
@@ -168,6 +192,11 @@ def test_summary_markdown_renders_every_flow(tiny_run):
     text = SUMMARIES["self-improve"](summary)
     assert "## round 1" in text and all(f"| {stage} | [`" in text for stage in refs)
     assert f"after_reward_accuracy={summary['rounds'][0]['train_dpo']['after_reward_accuracy']}" in text
-    pipeline = SUMMARIES["pipeline"]({"training": summary, "model": str(Path(config.model)),
-                                      "genies": {"report": "r", "report_dir": "d", "means": {"mean_de_zero_shot": 0.0}}})
+    pipeline = SUMMARIES["pipeline"](
+        {
+            "training": summary,
+            "model": str(Path(config.model)),
+            "genies": {"report": "r", "report_dir": "d", "means": {"mean_de_zero_shot": 0.0}},
+        }
+    )
     assert "# pipeline summary" in pipeline and "| zero_shot | 0.0 |" in pipeline and "## round 1" in pipeline

@@ -1,6 +1,7 @@
 """Reflective SFT (GEM stage A): targets with and without contrast, examples, label
 masking and the loss on the tiny model; and the HF backend's per-step entropies of
 the raw next-token distribution, which entropy filtering scores."""
+
 from __future__ import annotations
 
 import pytest
@@ -99,8 +100,11 @@ def _sft_rows(tokenizer):
     eot = tokenizer.eos_token_id
     return [
         {"prompt_id": "a", "prompt_ids": prompt_ids(tokenizer, "Capital of France?"), "target_ids": [40, 41, 42, eot]},
-        {"prompt_id": "b", "prompt_ids": prompt_ids(tokenizer, "A much longer question about many things?"),
-         "target_ids": [50, eot]},
+        {
+            "prompt_id": "b",
+            "prompt_ids": prompt_ids(tokenizer, "A much longer question about many things?"),
+            "target_ids": [50, eot],
+        },
         {"prompt_id": "c", "prompt_ids": prompt_ids(tokenizer, "Hi"), "target_ids": [60, 61, 62, 63, 64, 65, eot]},
     ]
 
@@ -165,13 +169,16 @@ def _top_p_entropy(logp: torch.Tensor, top_p: float) -> float:
 def test_generation_records_one_raw_entropy_per_generated_token(early_stopping_model_dir):
     backend = HFBackend(early_stopping_model_dir, batch_size=8)
     params = GenerationParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=4, entropies=True)
-    prompts = [prompt_ids(backend.tokenizer, "some text"),
-               prompt_ids(backend.tokenizer, "some much longer text, so that the batch is left-padded")]
+    prompts = [
+        prompt_ids(backend.tokenizer, "some text"),
+        prompt_ids(backend.tokenizer, "some much longer text, so that the batch is left-padded"),
+    ]
     completions = [c for row in backend.generate(prompts, params, seeds=[0, 1]) for c in row]
     lengths = [len(c.token_ids) for c in completions]
     # the check below is only meaningful if some row finished while another still generated
     assert min(lengths) < max(lengths) and {c.finish_reason for c in completions} == {"stop", "length"}, (
-        f"precondition: these seeds no longer give rows of mixed lengths ({lengths}); pick other seeds")
+        f"precondition: these seeds no longer give rows of mixed lengths ({lengths}); pick other seeds"
+    )
     processed_differs = False
     for prompt, c in zip([prompts[0]] * 2 + [prompts[1]] * 2, completions):
         assert len(c.entropies) == len(c.token_ids) == len(c.logprobs)

@@ -1,10 +1,11 @@
 """Chat-template rendering and left truncation (workers/chat.py) with an offline ChatML BPE tokenizer."""
+
 import pytest
+from helpers import CHATML, SPECIALS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from alignflow.workers.chat import fit_prompt, prompt_ids, response_ids
-from helpers import CHATML, SPECIALS
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. Alignment pipelines sample candidates, "
@@ -33,7 +34,9 @@ def _encode(tok, text):
 
 def test_prompt_ids_render_the_user_turn_and_assistant_header(tokenizer):
     ids = prompt_ids(tokenizer, "What is the capital of France?")
-    assert tokenizer.decode(ids) == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tokenizer.decode(ids) == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids.count(start) == 2 and ids.count(end) == 1
 

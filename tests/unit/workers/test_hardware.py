@@ -1,6 +1,7 @@
 """dtype: auto (workers/hardware.py): bfloat16 only where the hardware runs it natively, resolved
 once when a flow starts so stage keys and manifests carry the dtype actually used. The capability
 probes are replaced: the test machine's own CPU decides nothing here."""
+
 from __future__ import annotations
 
 import warnings
@@ -30,17 +31,21 @@ def host(monkeypatch):
         monkeypatch.setattr(hardware, "cuda_bf16", lambda: cuda)
         monkeypatch.setattr(hardware, "cpu_avx512_bf16", lambda: avx512_bf16)
         monkeypatch.setattr(hardware, "cpu_amx", lambda: amx)
+
     return use
 
 
-@pytest.mark.parametrize("name, device, expected", [
-    ("avx2_only", "cpu", "float32"),
-    ("avx512_bf16", "cpu", "bfloat16"),
-    ("amx", "cpu", "bfloat16"),
-    ("cuda_bf16_on_avx2", "cpu", "float32"),
-    ("cuda_bf16_on_avx2", "cuda", "bfloat16"),
-    ("avx512_bf16", "cuda", "float32"),  # a GPU without bf16: the CPU's support does not matter
-])
+@pytest.mark.parametrize(
+    "name, device, expected",
+    [
+        ("avx2_only", "cpu", "float32"),
+        ("avx512_bf16", "cpu", "bfloat16"),
+        ("amx", "cpu", "bfloat16"),
+        ("cuda_bf16_on_avx2", "cpu", "float32"),
+        ("cuda_bf16_on_avx2", "cuda", "bfloat16"),
+        ("avx512_bf16", "cuda", "float32"),  # a GPU without bf16: the CPU's support does not matter
+    ],
+)
 def test_auto_is_bfloat16_only_where_native(host, name, device, expected):
     host(name)
     assert resolve_dtype("auto", device) == expected
@@ -78,13 +83,19 @@ def test_ray_gpu_replicas_resolve_for_cuda_each_half_of_a_pipeline_for_itself(ho
     resolved = resolve_dtypes(config)
     assert (resolved.training.sample.dtype, resolved.training.judge.dtype) == ("bfloat16", "bfloat16")
     assert resolved.genies.scoring.dtype == "float32"  # the genies half runs locally, on this AVX2 CPU
-    cpu_replicas = config.model_copy(update={"training": config.training.model_copy(
-        update={"ray": config.training.ray.model_copy(update={"gpus_per_replica": 0})})})
+    cpu_replicas = config.model_copy(
+        update={
+            "training": config.training.model_copy(
+                update={"ray": config.training.ray.model_copy(update={"gpus_per_replica": 0})}
+            )
+        }
+    )
     assert resolve_dtypes(cpu_replicas).training.sample.dtype == "float32"
 
 
 def _recording_steps(keys: dict) -> Steps:
     """The flow body's stage calls, recorded as the keys the real stages would give them (nothing computed)."""
+
     def ref(stage: str, key: str) -> ArtifactRef:
         return ArtifactRef(stage=stage, key=key, uri=f"memory://{stage}/{key}", content_hash=key)
 
@@ -92,21 +103,30 @@ def _recording_steps(keys: dict) -> Steps:
         def step(ctx, config, **parents):
             keys[stage.name] = stage.key(config, parents)
             return ref(stage.name, keys[stage.name])
+
         return step
 
     def passthrough(name):
         return lambda *args, **kwargs: ref(name, name)
-    return Steps(prompts=passthrough("prompts"), base_model=passthrough("model"), sample=keyed(SAMPLE),
-                 judge=keyed(JUDGE), pairs=passthrough("pairs"), logprobs=passthrough("logprobs"),
-                 train_dpo=passthrough("train_dpo"))
+
+    return Steps(
+        prompts=passthrough("prompts"),
+        base_model=passthrough("model"),
+        sample=keyed(SAMPLE),
+        judge=keyed(JUDGE),
+        pairs=passthrough("pairs"),
+        logprobs=passthrough("logprobs"),
+        train_dpo=passthrough("train_dpo"),
+    )
 
 
 def test_the_flow_keys_stages_by_the_resolved_dtype(host, tmp_path):
     host("avx2_only")
     keys = {}
     for dtype in ("auto", "float32", "bfloat16"):
-        config = SelfImproveConfig(paths={"home": str(tmp_path)}, sample=SampleConfig(dtype=dtype),
-                                   judge=JudgeConfig(dtype=dtype))
+        config = SelfImproveConfig(
+            paths={"home": str(tmp_path)}, sample=SampleConfig(dtype=dtype), judge=JudgeConfig(dtype=dtype)
+        )
         keys[dtype] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # explicit bfloat16 on this AVX2 host: warned about, tested above

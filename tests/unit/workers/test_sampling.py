@@ -1,6 +1,7 @@
 """Top-p sampling in the hf backend: the nucleus found by a growing partial top-k
 equals the one a full sort gives, and inverse-CDF draws follow its renormalised
 probabilities, whatever k held it."""
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,8 @@ def test_top_p_one_samples_the_whole_vocabulary_without_sorting():
     kept, ids = nucleus(probs, 1.0)
     assert torch.equal(kept, probs) and ids.tolist() == [[0, 1, 2]]
     draws = 30_000
-    tokens = sample_from(kept.expand(draws, -1), ids.expand(draws, -1),
-                         torch.rand(draws, generator=torch.Generator().manual_seed(1)))
+    tokens = sample_from(
+        kept.expand(draws, -1), ids.expand(draws, -1), torch.rand(draws, generator=torch.Generator().manual_seed(1))
+    )
     freq = torch.bincount(tokens, minlength=3).float() / draws
     assert torch.allclose(freq, probs[0], atol=0.01)

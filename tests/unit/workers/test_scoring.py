@@ -1,4 +1,5 @@
 """Summed response log-probs (workers/scoring.py) against a direct per-sequence computation."""
+
 import random
 
 import pytest
@@ -13,8 +14,12 @@ PAD = 0
 @pytest.fixture(scope="module")
 def tiny_llama():
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
