@@ -3,7 +3,7 @@ only each comparison's candidates) against every comparison's whole prompt, in o
 
 The demo's data: its prompts, sample and judge settings (configs/demo.yaml), float32 on both
 sides. Candidates are sampled once with the demo's model; then the two ways judge them,
-interleaved (whole, reused, whole, reused, ...), on the same loaded model.
+interleaved (whole, reused, reused, whole, ...), on the same loaded model.
 
     python bench/bench_judge.py --repeats 2
 """
@@ -49,7 +49,7 @@ def prefix_share(lengths: list[tuple[int, list[int]]]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEMO))
-    p.add_argument("--repeats", type=int, default=2, help="interleaved (whole, reused) pairs")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved pairs of the two ways, alternating which goes first")
     p.add_argument("--model-cache", default=str(alignflow_home() / "models"))
     args = p.parse_args()
     config = load_config(SelfImproveConfig, args.config)
@@ -63,8 +63,9 @@ def main() -> None:
     backend.batch_size = judge.batch_size
     rates: dict[str, list[float]] = {"whole": [], "reused": []}
     outputs = {}
-    for _ in range(args.repeats):
-        for way, reuse in (("whole", False), ("reused", True)):
+    ways = [("whole", False), ("reused", True)]
+    for repeat in range(args.repeats):
+        for way, reuse in ways if repeat % 2 == 0 else ways[::-1]:  # alternate who goes first: load drifts
             (out, _), seconds = timed(partial(judge_candidates, backend, candidates, judge, reuse_prefix=reuse))
             rates[way].append(len(out) / seconds)
             outputs[way] = out
