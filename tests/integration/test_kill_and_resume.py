@@ -49,14 +49,12 @@ def _write_config(model_dir: Path, home: Path) -> Path:
 
 
 def _run(model_dir: Path, home: Path) -> dict:
-    done = subprocess.run(
-        _command(_write_config(model_dir, home)),
-        env=_env(home),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    return _json_output(_command(_write_config(model_dir, home)), home, timeout=600)
+
+
+def _json_output(command: list[str], home: Path, timeout: int) -> dict:
+    """Run a command against the home and parse the JSON it prints (after any other output)."""
+    done = subprocess.run(command, env=_env(home), capture_output=True, text=True, check=False, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout[done.stdout.index("{") :])
 
@@ -133,16 +131,7 @@ print(json.dumps({"run": run.state.name, "run_count": run.run_count, "tasks": st
 def _states(home: Path, run_id: str) -> dict:
     """The flow run's state and its task runs' states by stage, read from the home's Prefect database
     (a fresh ephemeral server on it, as `alignflow resume` starts)."""
-    done = subprocess.run(
-        [sys.executable, "-c", TASK_STATES, run_id],
-        env=_env(home),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{") :])
+    return _json_output([sys.executable, "-c", TASK_STATES, run_id], home, timeout=300)
 
 
 def _resume(home: Path, run_id: str) -> subprocess.CompletedProcess:
