@@ -38,7 +38,7 @@ demo: $(STAMP)
 # VLLM_CPU_KVCACHE_SPACE: the KV cache in GiB; without it vLLM's CPU engine
 # refuses to start unless 92% of memory is free.
 test: lint $(VLLM_STAMP)
-	$(PY) -m pytest tests -q -m "not vllm"
+	$(PY) -m pytest tests -q -m "not vllm" --durations=15
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -m pytest tests -q -m vllm
 
 # ruff (lint and format) and mypy: CI fails on them like on a test

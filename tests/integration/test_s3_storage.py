@@ -141,7 +141,7 @@ def test_no_credentials_is_one_clear_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message
     assert "s3://bucket/prefix at http://127.0.0.1:9: no S3 credentials" in message
-    assert "AWS_ACCESS_KEY_ID" in message and "alignflow.storage.credentials_block" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "storage.credentials_block" in message
 
 
 def test_credentials_in_the_root_url_or_config_are_refused():

@@ -69,10 +69,20 @@ def test_changing_judge_mode_reruns_judge_and_downstream_only(first_run):
     changed = config.model_copy(update={"judge": config.judge.model_copy(update={"mode": "base"})})
     new_summary, states = run_flow(changed)
     assert {s: states[s] for s in ("prompts", "sample")} == {"prompts": "Cached", "sample": "Cached"}
-    assert {states[s] for s in ("judge", "pairs", "logprobs", "train_dpo")} == {"Completed"}, states
+    assert {states[s] for s in ("judge", "pairs", "logprobs")} == {"Completed"}, states
     old, new = summary["rounds"][0], new_summary["rounds"][0]
     assert new["sample"]["uri"] == old["sample"]["uri"]
     assert new["judge"]["uri"] != old["judge"]["uri"]
+    # keys follow content: training reruns only if the new verdicts picked other pairs to train on
+    store = ArtifactStore(config.paths.resolved().artifact_root)
+    same_input = content_hash(store, new["logprobs"]["uri"]) == content_hash(store, old["logprobs"]["uri"])
+    assert states["train_dpo"] == ("Cached" if same_input else "Completed"), states
+    assert (new["train_dpo"]["uri"] == old["train_dpo"]["uri"]) == same_input
+
+
+def content_hash(store: ArtifactStore, uri: str) -> str:
+    stage, key = uri.rstrip("/").split("/")[-2:]
+    return store.manifest(stage, key)["content_hash"]
 
 
 def test_bad_prompt_file_names_the_line_and_touches_nothing(first_run, tmp_path, capsys):
