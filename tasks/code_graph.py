@@ -6,10 +6,12 @@ function-level imports alike (parsed with ``ast``, never executed), plus the
 parent packages whose ``__init__`` an import runs. A stage whose graph reaches
 the model loader also hashes the versions of the libraries that run models.
 
-Two kinds of module are hashed but not followed (``LEAVES``): the stage plumbing,
-whose deferred imports only decide where shards run, and a plugin registry, which
-imports every plugin; a stage that runs a plugin adds that plugin's module as a
-root of its own, so editing one plugin re-runs only the stages that use it.
+Two kinds of module are followed through their module-level imports only
+(``LEAVES``): the stage plumbing, whose deferred imports only decide where shards
+run (its store, which writes every artifact, is still followed), and a plugin
+registry, which imports every plugin by name; a stage that runs a plugin adds that
+plugin's module as a root of its own, so editing one plugin re-runs only the
+stages that use it.
 Imports the parser cannot see (``importlib.import_module`` of a computed name)
 are not followed.
 """
@@ -59,7 +61,7 @@ class CodeGraph:
         self.read_source = read_source
         self.library_version = library_version
         self._specs: dict[str, ModuleSpec | None] = {}
-        self._imports: dict[str, frozenset[str]] = {}
+        self._imports: dict[tuple[str, bool], frozenset[str]] = {}
         self._versions: dict[tuple[str, ...], str] = {}
 
     def in_project(self, name: str) -> bool:
@@ -89,21 +91,23 @@ class CodeGraph:
             raise LookupError(f"module '{name}': no Python source file found (is it installed?)")
         return self.read_source(Path(spec.origin))
 
-    def imports(self, name: str) -> frozenset[str]:
-        """The project modules that running ``name`` imports directly, with their parent packages."""
-        if name not in self._imports:
+    def imports(self, name: str, deferred: bool = True) -> frozenset[str]:
+        """The project modules that running ``name`` imports directly, with their parent
+        packages; ``deferred=False`` leaves out the imports inside its functions."""
+        if (name, deferred) not in self._imports:
             is_package = self.spec(name).submodule_search_locations is not None  # type: ignore[union-attr]
             package = name if is_package else name.rpartition(".")[0]
             found = set()
-            for candidate in _imported_names(ast.parse(self.source(name)), package):
+            for candidate in _imported_names(ast.parse(self.source(name)), package, deferred):
                 if self.in_project(candidate) and self.spec(candidate) is not None:
                     found.update(_with_parents(candidate))
             found.discard(name)
-            self._imports[name] = frozenset(found)
-        return self._imports[name]
+            self._imports[(name, deferred)] = frozenset(found)
+        return self._imports[(name, deferred)]
 
     def modules(self, *roots: str) -> frozenset[str]:
-        """``roots`` and every project module they import, transitively (leaves are not followed)."""
+        """``roots`` and every project module they import, transitively (leaves through their
+        module-level imports only)."""
         seen: set[str] = set()
         todo = [parent for root in roots for parent in _with_parents(root) if self.in_project(parent)]
         while todo:
@@ -111,8 +115,7 @@ class CodeGraph:
             if name in seen:
                 continue
             seen.add(name)
-            if name not in self.leaves:
-                todo.extend(self.imports(name) - seen)
+            todo.extend(self.imports(name, deferred=name not in self.leaves) - seen)
         return frozenset(seen)
 
     def runs_model(self, *roots: str) -> bool:
@@ -154,12 +157,13 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _imported_names(tree: ast.AST, package: str) -> set[str]:
+def _imported_names(tree: ast.AST, package: str, deferred: bool = True) -> set[str]:
     """Absolute names an ``import`` or ``from ... import`` may load: for ``from x import y``
     both ``x`` and ``x.y`` (y may be a submodule; the caller keeps the names that are modules).
-    Imports under ``if TYPE_CHECKING:`` never run and are skipped."""
+    Imports under ``if TYPE_CHECKING:`` never run and are skipped; so are those inside
+    functions unless ``deferred``."""
     names: set[str] = set()
-    for node in _runtime_nodes(tree):
+    for node in _runtime_nodes(tree, deferred):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -169,16 +173,19 @@ def _imported_names(tree: ast.AST, package: str) -> set[str]:
     return names
 
 
-def _runtime_nodes(node: ast.AST):
-    """Every node below ``node`` except the body of ``if TYPE_CHECKING:``, which never runs."""
+def _runtime_nodes(node: ast.AST, deferred: bool = True):
+    """Every node below ``node`` except the body of ``if TYPE_CHECKING:``, which never runs,
+    and, unless ``deferred``, the bodies of functions (run only when called)."""
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _is_type_checking(child.test):
             for other in child.orelse:
                 yield other
-                yield from _runtime_nodes(other)
+                yield from _runtime_nodes(other, deferred)
+        elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) and not deferred:
+            continue
         else:
             yield child
-            yield from _runtime_nodes(child)
+            yield from _runtime_nodes(child, deferred)
 
 
 def _is_type_checking(test: ast.expr) -> bool:

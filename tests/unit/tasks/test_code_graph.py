@@ -92,7 +92,7 @@ def test_editing_one_intervention_changes_only_its_own_genies_keys(stage):
         name for name, spec in specs.items() if stage.code_version(spec, before) != stage.code_version(spec, after)
     }
     assert changed == {"mass_mean_shift"}
-    # the stage module itself imports the registry, which is hashed but not followed into every intervention
+    # the stage module itself imports the registry, which is not followed into every intervention
     assert not any(".interventions.dpo" in m for m in before.modules("alignflow.genies.stages"))
     assert "alignflow.workers.models" in before.modules(*stage.config_modules(specs["dpo"]))
 
@@ -111,7 +111,8 @@ def test_graph_follows_relative_function_level_and_submodule_imports(tmp_path, m
         tmp_path,
         {
             "cgpkg/__init__.py": "",
-            "cgpkg/sub/__init__.py": "from . import registered\n",
+            "cgpkg/sub/__init__.py": "from . import base\ndef load():\n    from . import registered\n",
+            "cgpkg/sub/base.py": "",
             "cgpkg/sub/registered.py": "",
             "cgpkg/sub/leafy.py": "from ..util import helper\n",
             "cgpkg/stage.py": (
@@ -133,17 +134,27 @@ def test_graph_follows_relative_function_level_and_submodule_imports(tmp_path, m
         "cgpkg",
         "cgpkg.stage",
         "cgpkg.sub",
+        "cgpkg.sub.base",
         "cgpkg.sub.leafy",
         "cgpkg.sub.registered",
         "cgpkg.tools",
         "cgpkg.util",
         "cgpkg.deferred",
     }
-    # a leaf (a registry) is hashed, its imports are not followed
-    assert "cgpkg.sub.registered" not in CodeGraph(project="cgpkg", leaves=frozenset({"cgpkg.sub"})).modules(
-        "cgpkg.stage"
-    )
+    # a leaf (a registry, the stage plumbing) is followed through its module-level imports only
+    registry_leaf = CodeGraph(project="cgpkg", leaves=frozenset({"cgpkg.sub"})).modules("cgpkg.stage")
+    assert "cgpkg.sub.base" in registry_leaf and "cgpkg.sub.registered" not in registry_leaf
+    stage_leaf = CodeGraph(project="cgpkg", leaves=frozenset({"cgpkg.stage"})).modules("cgpkg.stage")
+    assert "cgpkg.tools" in stage_leaf and "cgpkg.deferred" not in stage_leaf
 
     version = graph.code_version("cgpkg.stage")
     (tmp_path / "cgpkg" / "deferred.py").write_text("def go():\n    return 3\n")
     assert CodeGraph(project="cgpkg", leaves=frozenset()).code_version("cgpkg.stage") != version
+
+
+def test_a_stage_covers_the_store_that_writes_its_artifact_but_not_where_shards_run():
+    """The stage plumbing is followed through its module-level imports: the artifact store
+    (schema casts, Parquet bytes) is in every stage's key, the Ray pool it defers to is not."""
+    modules = CodeGraph().modules("alignflow.tasks.prompts")
+    assert "alignflow.storage.artifacts" in modules
+    assert "alignflow.workers.ray_pool" not in modules and "alignflow.workers.models" not in modules
