@@ -98,13 +98,14 @@ class HFBackend:
         return completions
 
     def _next_token_logprobs(self, suffixes: list[list[int]], cache) -> torch.Tensor:
-        """float32 next-token log-probs after each suffix's last real token (suffixes right-padded)."""
+        """float32 next-token log-probs after each suffix. Suffixes are left-padded so every row
+        ends at the last position: only that position's logits are computed (``logits_to_keep=1``
+        means the same in every transformers release; per-row indices do not)."""
         width = max(len(s) for s in suffixes)
-        input_ids = torch.tensor([s + [self.tokenizer.pad_token_id] * (width - len(s)) for s in suffixes])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in suffixes])
-        kwargs = {"attention_mask": mask} if cache is None else after_prefix(cache_for_rows(cache, len(suffixes)), mask)
-        last = torch.tensor([[len(s) - 1] for s in suffixes])
-        logits = self.model(input_ids=input_ids, logits_to_keep=last, **kwargs).logits[:, 0]
+        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(s)) + s for s in suffixes])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes])
+        past = cache_for_rows(cache, len(suffixes)) if cache is not None else None
+        logits = self.model(input_ids=input_ids, logits_to_keep=1, **after_prefix(past, mask)).logits[:, -1]
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _completion(self, record: _StepRecord, params: GenerationParams) -> Completion:

@@ -114,13 +114,14 @@ def cache_for_rows(cache, rows: int):
 
 
 def after_prefix(past, attention_mask: torch.Tensor) -> dict:
-    """Forward-pass arguments for right-padded rows that continue a cached prefix: the mask
-    covers the prefix and each row's real tokens, positions go on from the prefix."""
-    shared = past.get_seq_length()
-    rows, width = attention_mask.shape
+    """Forward-pass arguments for padded rows (left or right) that continue a cached prefix,
+    or none (``past`` None): the mask covers the prefix and each row's real tokens, and each
+    real token's position goes on from the prefix, wherever the padding sits."""
+    shared = past.get_seq_length() if past is not None else 0
+    rows = attention_mask.shape[0]
     return {
         "attention_mask": torch.cat([torch.ones(rows, shared, dtype=torch.long), attention_mask], 1),
-        "position_ids": torch.arange(shared, shared + width).expand(rows, -1),
+        "position_ids": shared + (attention_mask.cumsum(-1) - 1).clamp(min=0),
         "past_key_values": past,
     }
 
