@@ -210,32 +210,11 @@ def test_write_csv_puts_the_published_columns_first(published, tmp_path):
 
 
 def test_metrics_cli_writes_the_same_table(published, tmp_path, capsys):
-    from alignflow.cli import main
 
     spec = tmp_path / "shifts.json"
     spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
     out = tmp_path / "cli.csv"
-    assert (
-        main(
-            [
-                "genies",
-                "metrics",
-                "--evaluations",
-                str(published / "evaluations"),
-                "--capabilities",
-                str(published / "target_tuned_capability"),
-                "--shifts",
-                str(spec),
-                "--intervention",
-                "classify_lora",
-                "--model",
-                MODEL,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert metrics_cli(published, spec, out) == 0
     printed = capsys.readouterr().out
     assert "2 shifts" in printed and f"{((0.25 + 0.2 / 0.75) / 2):.4f}" in printed
     direct = tmp_path / "direct.csv"
@@ -282,33 +261,39 @@ def test_read_number_rejects_bad_content(tmp_path, content, expected):
 
 
 def test_metrics_cli_bad_file_is_a_one_line_error(published, tmp_path, capsys):
-    from alignflow.cli import main
 
     spec = tmp_path / "shifts.json"
     spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
     bad = published / "target_tuned_capability" / MODEL / "arc_hard.json"
     bad.write_text(json.dumps({"accuracy": 0.7}))
-    assert (
-        main(
-            [
-                "genies",
-                "metrics",
-                "--evaluations",
-                str(published / "evaluations"),
-                "--capabilities",
-                str(published / "target_tuned_capability"),
-                "--shifts",
-                str(spec),
-                "--intervention",
-                "classify_lora",
-                "--model",
-                MODEL,
-                "--out",
-                str(tmp_path / "o.csv"),
-            ]
-        )
-        == 2
-    )
+    assert metrics_cli(published, spec, tmp_path / "o.csv") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "best_intervention_accuracy" in err[0]
     assert not (tmp_path / "o.csv").exists()
+
+
+def metrics_cli(published: Path, spec: Path, out: Path) -> int:
+    """`alignflow genies metrics` over a published results tree, as a user types it."""
+    from alignflow.cli import main
+
+    args = [
+        "--evaluations",
+        str(published / "evaluations"),
+        "--capabilities",
+        str(published / "target_tuned_capability"),
+    ]
+    return main(
+        [
+            "genies",
+            "metrics",
+            *args,
+            "--shifts",
+            str(spec),
+            "--intervention",
+            "classify_lora",
+            "--model",
+            MODEL,
+            "--out",
+            str(out),
+        ]
+    )
