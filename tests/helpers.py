@@ -5,10 +5,15 @@ flow runner that returns the task runs Prefect recorded. Fixtures live in confte
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
+
+T = TypeVar("T")
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -134,8 +139,23 @@ def run_with_task_runs(flow_fn, config):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     state = flow_fn(config=config, return_state=True)
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    return state.result(), runs
+
+    def final_task_runs():
+        # A task run's final state reaches the API asynchronously, after the flow returns.
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        return runs if all(run.state.is_final() for run in runs) else None
+
+    return state.result(), wait_for(final_task_runs, 30, "the flow's task runs to reach final states")
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return value

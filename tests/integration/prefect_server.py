@@ -10,16 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from helpers import wait_for
 
-T = TypeVar("T")
 PREFECT = [sys.executable, "-m", "prefect"]
 ALIGNFLOW = [sys.executable, "-m", "alignflow.cli"]
 
@@ -47,16 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-    return value
 
 
 def _healthy(url: str) -> bool:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("prefect_server")  # imported here before pytest_plugins loads it
-from helpers import tiny_config_data  # noqa: E402
-from prefect_server import ALIGNFLOW, stop, wait_for  # noqa: E402
+from helpers import tiny_config_data, wait_for  # noqa: E402
+from prefect_server import ALIGNFLOW, stop  # noqa: E402
 
 from alignflow.storage.artifacts import ArtifactStore  # noqa: E402
 
