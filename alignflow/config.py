@@ -243,7 +243,12 @@ class SelfImproveConfig(RunConfig):
 
 
 class GeniesScoringConfig(Strict):
-    max_tokens: int = Field(512, ge=16, description="tokens per prompt+response; responses keep their first half")
+    max_tokens: int = Field(
+        2048,
+        ge=16,
+        description="records with a longer prompt + response are dropped and counted, as GENIES drops those "
+        "over its models' 2048-token context",
+    )
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
     dtype: Dtype = "auto"
 
@@ -257,11 +262,17 @@ class GeniesConfig(RunConfig):
 
     model_config = ConfigDict(extra="allow", frozen=True)  # the extras are the sections, checked below
     data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
+    results_dir: str | None = Field(
+        None, description="where the run's results tree is exported, as GENIES lays it out; default DATA_DIR/results"
+    )
     shifts: str = Field("builtin:genies", description="builtin:genies or a shift spec JSON file")
     limit_shifts: int | None = Field(None, ge=1)
     interventions: list[str] = ["zero_shot", "few_shot", "mass_mean_shift", "dpo"]
     external: dict[str, str] = Field(
         default_factory=dict, description="name -> folder with train.py/eval.py (the public script contract)"
+    )
+    script_contract: Literal["api", "readme"] = Field(
+        "api", description="external scripts' flags: GENIES's API (fire, literal lists) or its README's"
     )
     ceiling: str = Field("best", description="'best' over the interventions run on the reference, or one's name")
     max_train_pairs: int | None = Field(64, ge=2, description="cap per distribution (seeded subset)")

@@ -8,15 +8,23 @@ distribution) and each evaluation is its own cached task.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from prefect import flow
+from prefect.futures import PrefectFuture
 
 from alignflow.config import GeniesConfig
 from alignflow.flows.report import genies_summary, publish_genies
 from alignflow.genies.data import distribution_names
 from alignflow.genies.interventions import make_intervention
-from alignflow.genies.report import ReportSpec, evaluation_name, genies_report_task
+from alignflow.genies.report import (
+    ReportSpec,
+    evaluation_name,
+    export_results,
+    genies_report_task,
+    parse_evaluation_name,
+)
 from alignflow.genies.shifts import check_distributions, distributions_needed, load_shifts
 from alignflow.genies.stages import (
     genies_evaluate_task,
@@ -56,6 +64,21 @@ def model_name(config: GeniesConfig) -> str:
     return Path(config.model).name
 
 
+def shift_set_name(shifts: str) -> str:
+    """What GENIES calls the metrics table of a shift set: GENIES, or the spec file's stem (all, ...)."""
+    return "GENIES" if shifts == "builtin:genies" else Path(shifts).stem
+
+
+def measured_at(store, evaluations: dict) -> dict[tuple, str]:
+    """(intervention, source or None, target) -> when that evaluation was committed, as GENIES writes times."""
+    stamps = {}
+    for name, ref in evaluations.items():
+        ref = ref.result() if isinstance(ref, PrefectFuture) else ref  # on Ray, launch() gave futures
+        created = dt.datetime.fromisoformat(store.manifest(ref.stage, ref.key)["created_at"])
+        stamps[parse_evaluation_name(name)] = created.strftime("%Y-%m-%d %H:%M:%S")
+    return stamps
+
+
 @flow(name="genies-eval", **RELEASE_HOOKS)
 def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     config = resolve_dtypes(config)  # stage keys and manifests carry the dtype actually used
@@ -72,33 +95,39 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     model = base_model_task(config.model, ctx.model_cache)
     needed = distributions_needed(shifts)
 
-    def pairs(distribution: str, split: str):
-        cap = config.max_train_pairs if split == "train" else config.max_eval_pairs
-        return genies_pairs_task(ctx, pairs_spec(root, distribution, split, cap, config.seed))
+    def pairs(distribution: str, split: str, cap: int | None):
+        spec = pairs_spec(root, distribution, split, config.scoring.max_tokens, cap, config.seed)
+        return genies_pairs_task(ctx, spec, model=model)
 
-    train_pairs = {d: pairs(d, "train") for d in sorted(needed["train"])}
-    test_pairs = {d: pairs(d, "test") for d in sorted(needed["evaluate"])}
+    train_pairs = {d: pairs(d, "train", config.max_train_pairs) for d in sorted(needed["train"])}
+    test_pairs = {d: pairs(d, "test", config.max_eval_pairs) for d in sorted(needed["evaluate"])}
     evaluations, trains = {}, {}
     for spec in specs:
-        trains[spec.name] = make_intervention(spec).trains
-        states = (
-            {
-                d: launch(ctx, genies_train_task, ctx, spec, model=model, pairs=train_pairs[d])
-                for d in sorted(needed["train"])
-            }
-            if trains[spec.name]
-            else {}
-        )
-        for source, target in sorted(evaluations_needed(shifts, trains[spec.name]), key=str):
+        intervention = make_intervention(spec)
+        trains[spec.name] = intervention.trains
+        states = {}
+        for d in sorted(needed["train"]) if intervention.trains else []:
+            data = {"pairs": pairs(d, "train", None) if intervention.full_train_split else train_pairs[d]}
+            if spec.script_dir:
+                data["test_pairs"] = test_pairs[d]
+            states[d] = launch(ctx, genies_train_task, ctx, spec, model=model, **data)
+        for source, target in sorted(evaluations_needed(shifts, intervention.trains), key=str):
             parents = {"model": model, "pairs": test_pairs[target]} | ({"state": states[source]} if source else {})
             evaluations[evaluation_name(spec.name, source, target)] = launch(
                 ctx, genies_evaluate_task, ctx, spec, **parents
             )
     report_spec = ReportSpec(
-        model=model_name(config), shifts=list(shifts), interventions=trains, ceiling=config.ceiling
+        model=model_name(config),
+        shifts=list(shifts),
+        shift_set=shift_set_name(config.shifts),
+        interventions=trains,
+        ceiling=config.ceiling,
     )
     report = genies_report_task(ctx, report_spec, **evaluations)
     store = ctx.store()
-    summary = genies_summary(store, report, store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts"))
+    report_dir = store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts")
+    results_dir = config.results_dir or str(root / "results")
+    export_results(report_dir / "results", results_dir, report_spec.model, measured_at(store, evaluations))
+    summary = genies_summary(store, report, report_dir) | {"results_dir": results_dir}
     publish_genies(summary)
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import tarfile
 import tempfile
@@ -112,6 +113,16 @@ def expand_pairs(records: list[dict], seed: int, distribution: str, split: str) 
                 }
             )
     return pairs
+
+
+def one_pair_per_prompt(pairs: list[dict], seed: int) -> list[dict]:
+    """One pair per prompt, its dispreferred response drawn from the seed: GENIES trains
+    every intervention on one random dispreferred response per prompt."""
+    by_prompt: dict[str, list[dict]] = {}
+    for pair in pairs:
+        by_prompt.setdefault(pair["prompt"], []).append(pair)
+    chosen = {id(random.Random(f"{seed}:{prompt}").choice(group)) for prompt, group in by_prompt.items()}
+    return [p for p in pairs if id(p) in chosen]
 
 
 def preferred_texts(pair: dict) -> tuple[str, str]:

@@ -4,15 +4,28 @@ differential elicitation, a bar chart of means and a markdown report."""
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
-from alignflow.genies.metrics import capability_path, evaluation_path, means, shift_row, write_csv, write_json
+from alignflow.genies.metrics import (
+    PUBLISHED_COLUMNS,
+    capability_json,
+    capability_path,
+    evaluation_json,
+    evaluation_path,
+    means,
+    metrics_csv_path,
+    results_rows,
+    write_csv,
+    write_json,
+)
 from alignflow.genies.shifts import Shift
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
 from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
@@ -21,6 +34,7 @@ from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
 class ReportSpec(Strict):
     model: str  # the base model's name in the published layout
     shifts: list[Shift]
+    shift_set: str  # the metrics table's name: GENIES for the builtin shifts, else the spec file's stem
     interventions: dict[str, bool]  # name -> trains (False: evaluated on the base model as is)
     ceiling: str  # "best" or an intervention name
 
@@ -30,78 +44,90 @@ def evaluation_name(intervention: str, source: str | None, target: str) -> str:
     return f"{intervention}__{source or '-'}__{target}"
 
 
-def read_results(store: ArtifactStore, evaluations: dict[str, ArtifactRef]) -> dict[tuple, dict]:
-    """(intervention, source or None, target) -> the evaluation's metrics."""
+def parse_evaluation_name(name: str) -> tuple[str, str | None, str]:
+    intervention, source, target = name.split("__")
+    return intervention, None if source == "-" else source, target
+
+
+class Evaluation(NamedTuple):
+    metrics: dict
+    p_preferred: list[float] | None  # None: an accuracy-only external script
+
+
+def read_results(store: ArtifactStore, evaluations: dict[str, ArtifactRef]) -> dict[tuple, Evaluation]:
+    """(intervention, source or None, target) -> the evaluation's metrics and probabilities."""
     results = {}
     for name, ref in evaluations.items():
-        intervention, source, target = name.split("__")
-        results[(intervention, None if source == "-" else source, target)] = store.manifest(ref.stage, ref.key)[
-            "metrics"
-        ]
+        rows = store.read_rows(ref)
+        probabilities = [r["p_preferred"] for r in rows] if rows and rows[0]["p_preferred"] is not None else None
+        results[parse_evaluation_name(name)] = Evaluation(store.manifest(ref.stage, ref.key)["metrics"], probabilities)
     return results
 
 
 class Table:
     """Accuracy lookups over the evaluations of one report."""
 
-    def __init__(self, spec: ReportSpec, results: dict[tuple, dict]):
+    def __init__(self, spec: ReportSpec, results: dict[tuple, Evaluation]):
         self.spec = spec
         self.results = results
 
-    def result(self, intervention: str, source: str, target: str) -> dict:
-        trained_on = source if self.spec.interventions[intervention] else None
-        return self.results[(intervention, trained_on, target)]
-
     def accuracy(self, intervention: str, source: str, target: str) -> float:
-        return self.result(intervention, source, target)["accuracy"]
-
-    def baseline(self, target: str) -> float:
-        return self.results[("zero_shot", None, target)]["accuracy"]
+        trained_on = source if self.spec.interventions[intervention] else None
+        return self.results[(intervention, trained_on, target)].metrics["accuracy"]
 
     def ceiling(self, reference: str) -> tuple[float, str]:
-        """C(R): the named intervention's A(R->R), or the best over those run on R."""
+        """C(R): the named intervention's A(R->R), or the best over every one run on R, zero-shot included."""
         names = list(self.spec.interventions) if self.spec.ceiling == "best" else [self.spec.ceiling]
         return max((self.accuracy(n, reference, reference), n) for n in names)
 
-    def rows(self) -> list[dict]:
-        out = []
-        for intervention in self.spec.interventions:
-            for shift in self.spec.shifts:
-                evaluation = self.result(intervention, shift.source, shift.target)
-                out.append(
-                    shift_row(
-                        shift,
-                        generalization=evaluation["accuracy"],
-                        source_id=self.accuracy(intervention, shift.source, shift.source),
-                        baseline=self.baseline(shift.target),
-                        ceiling=self.ceiling(shift.reference)[0],
-                        intervention=intervention,
-                        model=self.spec.model,
-                        brier=evaluation.get("brier", math.nan),
-                        ece=evaluation.get("ece", math.nan),
-                    )
-                )
-        return out
+    def trained_on(self) -> list[str]:
+        """Every distribution something is trained on: where untrained results are filed too."""
+        return sorted({s.source for s in self.spec.shifts} | {s.reference for s in self.spec.shifts})
 
 
-def write_published_layout(folder: Path, table: Table) -> None:
-    """Our results in the published layout, so they sit beside published ones."""
+def write_results_tree(folder: Path, table: Table) -> None:
+    """Every evaluation and ceiling in GENIES's published results tree. ``timestamp`` is
+    left null so identical runs give identical artifacts; ``export_results`` stamps it."""
     model = table.spec.model
-    sources = {s.source for s in table.spec.shifts}
-    for (intervention, source, target), metrics in table.results.items():
-        result = {
-            "eval_accuracy": metrics["accuracy"],
-            **{k: metrics[k] for k in ("brier", "ece", "pairs") if k in metrics},
-        }
-        # untrained results also under each source, as published: any intervention reads as <model>-<source>/
-        for trained_on in [source] if source else [None, *sorted(sources)]:
-            write_json(evaluation_path(folder / "evaluations", intervention, model, trained_on, target), result)
-    for reference in {s.reference for s in table.spec.shifts}:
-        accuracy, best = table.ceiling(reference)
-        write_json(
-            capability_path(folder / "target_tuned_capability", model, reference),
-            {"best_intervention_accuracy": accuracy, "intervention": best},
-        )
+    for (intervention, source, target), evaluation in table.results.items():
+        model_dir = f"models/{intervention}/{model}-{source}" if source else f"models/{model}"
+        result = evaluation_json(evaluation.metrics, evaluation.p_preferred, target, model_dir, None)
+        # an untrained intervention files its results under every source, as published
+        for trained_on in [source] if source else table.trained_on():
+            write_json(evaluation_path(folder, intervention, model, trained_on, target), result)
+    for shift in table.spec.shifts:
+        accuracy, best = table.ceiling(shift.reference)
+        write_json(capability_path(folder, model, shift.target), capability_json(shift, accuracy, best))
+
+
+def export_results(results: Path, dest: str, model: str, measured_at: dict[tuple, str]) -> None:
+    """Copy a report's results tree to ``dest`` (any fsspec URL), stamping each evaluation
+    with when it was measured: ``measured_at`` maps (intervention, source or None, target)
+    to a time; an untrained intervention's result is looked up without its source."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(dest)
+    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+        relative = path.relative_to(results)
+        data = path.read_bytes()
+        if relative.parts[0] == "evaluations":
+            intervention, folder, target = relative.parts[1], relative.parts[2], relative.stem
+            source = folder.removeprefix(f"{model}-")
+            stamp = measured_at.get((intervention, source, target)) or measured_at[(intervention, None, target)]
+            data = json.dumps(json.loads(data) | {"timestamp": stamp}, indent=4).encode()
+        fs.makedirs(f"{root}/{relative.parent.as_posix()}", exist_ok=True)
+        fs.pipe_file(f"{root}/{relative.as_posix()}", data)
+
+
+def metrics_tables(folder: Path, spec: ReportSpec) -> list[dict]:
+    """Each intervention's metrics table, computed from the results tree by the function
+    that reads published trees, and written beside it as GENIES does."""
+    rows = []
+    for intervention in spec.interventions:
+        table = results_rows(folder, tuple(spec.shifts), intervention, spec.model)
+        write_csv(metrics_csv_path(folder, spec.model, intervention, spec.shift_set), table, PUBLISHED_COLUMNS)
+        rows += table
+    return rows
 
 
 def heatmap(path: Path, rows: list[dict], interventions: list[str]) -> None:
@@ -191,11 +217,11 @@ def _f(value) -> str:
 
 def compute_report(ctx: RunContext, spec: ReportSpec, key: str, **evaluations: ArtifactRef) -> StageOutput:
     table = Table(spec, read_results(ctx.store(), evaluations))
-    rows = table.rows()
-    summary = means(rows)
     scratch = Path(tempfile.mkdtemp(prefix="alignflow-genies-report-"))
     folder = scratch / "report"
-    write_published_layout(folder, table)
+    write_results_tree(folder / "results", table)
+    rows = metrics_tables(folder / "results", spec)
+    summary = means(rows)
     write_csv(folder / "metrics.csv", rows)
     pq.write_table(pa.Table.from_pylist(rows), folder / "metrics.parquet")
     write_csv(folder / "means.csv", summary, list(summary[0]))
@@ -234,9 +260,12 @@ SHIFT_ROWS = pa.schema(
         ("target_reference", pa.string()),
         ("generalization_accuracy", pa.float64()),
         ("baseline_accuracy", pa.float64()),
+        ("baseline_intervention", pa.string()),
         ("target_tuned_capability", pa.float64()),
-        ("differential_elicitation", pa.float64()),
+        ("target_tuned_capability_intervention", pa.string()),
         ("source_ID_accuracy", pa.float64()),
+        ("RMS_calibration_error", pa.float64()),
+        ("differential_elicitation", pa.float64()),
         ("category", pa.string()),
         ("label", pa.string()),
         ("elicitation", pa.float64()),

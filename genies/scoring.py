@@ -1,13 +1,14 @@
 """How GENIES text reaches a model, shared by every built-in intervention.
 
 Prompts are Alpaca-formatted and end with ``### Response:\\n``; the response
-follows with no separator and ends with EOS. Each distinct (prompt, response)
-is encoded and scored once, however many pairs share it.
+follows with no separator and ends with EOS; no BOS, as GENIES tokenizes. Each
+distinct (prompt, response) is encoded and scored once, however many pairs share it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,15 @@ class Sequences:
         return [values[a] for a, _ in self.pair_index], [values[b] for _, b in self.pair_index]
 
 
-def encode_pairs(tokenizer, pairs: list[dict], max_tokens: int, bos: bool = True) -> Sequences:
-    """Token ids of ``prompt`` and ``response + EOS`` for both sides of every pair.
-    Over-long responses keep their first max_tokens/2 tokens; then the prompt
-    loses tokens from the left. ``bos=False`` when a shared prefix comes first."""
+def encode_pairs(
+    tokenizer, pairs: list[dict], max_tokens: int, prefix: Callable[[dict], list[int]] | None = None
+) -> Sequences:
+    """Token ids of ``prompt`` and ``response + EOS`` for both sides of every pair, each
+    text tokenized on its own without special tokens, as GENIES's collator does.
+    ``prefix(pair)`` gives ids to put before a pair's prompt (few-shot examples).
+
+    Pairs longer than ``max_tokens`` are dropped by the pairs stage (``too_long``), as
+    GENIES drops them; meeting one here means the pairs did not come through it."""
     seen: dict[tuple[str, str], int] = {}
     prompts, responses, index = [], [], []
     encoded_prompts: dict[str, list[int]] = {}
@@ -38,29 +44,34 @@ def encode_pairs(tokenizer, pairs: list[dict], max_tokens: int, bos: bool = True
             key = (pair["prompt"], response)
             if key not in seen:
                 if pair["prompt"] not in encoded_prompts:
-                    encoded_prompts[pair["prompt"]] = _ids(tokenizer, pair["prompt"], special=bos)
-                prompt_ids, response_ids = _fit(
-                    encoded_prompts[pair["prompt"]], _response_ids(tokenizer, response, max_tokens), max_tokens
-                )
+                    encoded_prompts[pair["prompt"]] = text_ids(tokenizer, pair["prompt"])
+                prompt_ids, answer_ids = encoded_prompts[pair["prompt"]], response_ids(tokenizer, response)
+                if len(prompt_ids) + len(answer_ids) > max_tokens:
+                    raise ValueError(
+                        f"pair {pair['pair_id']}: {len(prompt_ids) + len(answer_ids)} tokens, over max_tokens="
+                        f"{max_tokens} (the genies_pairs stage drops such pairs)"
+                    )
                 seen[key] = len(prompts)
-                prompts.append(prompt_ids)
-                responses.append(response_ids)
+                prompts.append((prefix(pair) if prefix else []) + prompt_ids)
+                responses.append(answer_ids)
             sides.append(seen[key])
         index.append((sides[0], sides[1]))
     return Sequences(prompts, responses, index)
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def text_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _response_ids(tokenizer, response: str, max_tokens: int) -> list[int]:
-    return _ids(tokenizer, response, special=False)[: max(1, max_tokens // 2 - 1)] + [tokenizer.eos_token_id]
+def response_ids(tokenizer, response: str) -> list[int]:
+    return text_ids(tokenizer, response) + [tokenizer.eos_token_id]
 
 
-def _fit(prompt_ids: list[int], response_ids: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
-    room = max(1, max_tokens - len(response_ids))
-    return prompt_ids[-room:], response_ids
+def too_long(tokenizer, record: dict, max_tokens: int) -> bool:
+    """Whether any response of a record, after its prompt, exceeds ``max_tokens``
+    (GENIES drops the whole record, not only the long response's pair)."""
+    prompt = len(text_ids(tokenizer, record["prompt"]))
+    return any(prompt + len(response_ids(tokenizer, r)) > max_tokens for r in record["responses"])
 
 
 def prob_first(score_a: float, score_b: float) -> float:

@@ -53,8 +53,9 @@ GENIES = (
 BUILTIN = {"builtin:genies": GENIES}
 
 
-def load_shifts(spec: str) -> tuple[Shift, ...]:
-    """``builtin:genies`` or a path to a shift spec JSON list."""
+def load_shifts(spec: str, keep_repeats: bool = False) -> tuple[Shift, ...]:
+    """``builtin:genies`` or a path to a shift spec JSON list; ``keep_repeats`` keeps a
+    shift listed twice twice (as the published metrics tables do)."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     path = Path(spec)
@@ -70,7 +71,8 @@ def load_shifts(spec: str) -> tuple[Shift, ...]:
             raise GeniesDataError(
                 f"{path}: shift {index}: missing or invalid {fields} (each shift needs 'source' and 'target')"
             ) from None
-    return tuple(dict.fromkeys(shifts))  # published spec files repeat some shifts
+    # the published all.json lists 13 shifts twice: its CSVs keep the repeats, runs need each once
+    return tuple(shifts) if keep_repeats else tuple(dict.fromkeys(shifts))
 
 
 def check_distributions(shifts: tuple[Shift, ...], available: list[str]) -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from alignflow.config import GeniesConfig, GeniesScoringConfig, Strict
-from alignflow.genies.data import capped, expand_pairs, read_split
+from alignflow.genies.data import GeniesDataError, capped, expand_pairs, one_pair_per_prompt, read_split
 from alignflow.genies.interventions import BUILTIN, make_intervention
 from alignflow.genies.metrics import pair_metrics
+from alignflow.genies.scoring import too_long
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.stage import Progress, RunContext, Stage, StageOutput, stage_task
 
@@ -30,29 +32,47 @@ class PairsSpec(Strict):
     # where this machine keeps the file: out of the key and the manifest, which the content names
     path: str = Field(exclude=True)
     sha256: str  # the split file's content: an edited release is a new input
+    max_tokens: int  # records with a longer prompt + response are dropped, as GENIES drops them
     max_pairs: int | None
     seed: int
 
 
-def pairs_spec(data_dir: Path, distribution: str, split: str, max_pairs: int | None, seed: int) -> PairsSpec:
+def pairs_spec(
+    data_dir: Path, distribution: str, split: str, max_tokens: int, max_pairs: int | None, seed: int
+) -> PairsSpec:
     path = Path(data_dir) / "distributions" / distribution / f"{split}.json"
     return PairsSpec(
         distribution=distribution,
         split=split,
         path=str(path),
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        max_tokens=max_tokens,
         max_pairs=max_pairs,
         seed=seed,
     )
 
 
-def compute_pairs(ctx: RunContext, spec: PairsSpec, key: str) -> StageOutput:
+def compute_pairs(ctx: RunContext, spec: PairsSpec, key: str, model: ArtifactRef) -> StageOutput:
+    from transformers import AutoTokenizer
+
     records = read_split(Path(spec.path).parent, spec.split)
-    pairs = capped(expand_pairs(records, spec.seed, spec.distribution, spec.split), spec.max_pairs, spec.seed)
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir(model))
+    dropped = {i for i, record in enumerate(records) if too_long(tokenizer, record, spec.max_tokens)}
+    if len(dropped) == len(records):
+        raise GeniesDataError(
+            f"{spec.path}: every record is longer than scoring.max_tokens={spec.max_tokens} tokens; raise it"
+        )
+    pairs = [p for p in expand_pairs(records, spec.seed, spec.distribution, spec.split) if p["record"] not in dropped]
+    pairs = capped(pairs, spec.max_pairs, spec.seed)
     share_a = sum(p["preferred"] == 0 for p in pairs) / len(pairs)
     return StageOutput(
         tables=[pa.Table.from_pylist(pairs)],
-        metrics={"records": len(records), "rows_out": len(pairs), "preferred_in_a": round(share_a, 3)},
+        metrics={
+            "records": len(records),
+            "records_too_long": len(dropped),
+            "rows_out": len(pairs),
+            "preferred_in_a": round(share_a, 3),
+        },
     )
 
 
@@ -65,6 +85,8 @@ class InterventionSpec(Strict):
     scoring: GeniesScoringConfig = GeniesScoringConfig()
     script_dir: str | None = Field(None, exclude=True)  # a local folder; its files are in script_sha256
     script_sha256: str | None = None
+    contract: Literal["api", "readme"] = "api"  # a script's command-line flags
+    seed: int = 0  # which dispreferred response trains with each prompt
 
 
 def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
@@ -84,12 +106,17 @@ def intervention_specs(config: GeniesConfig) -> list[InterventionSpec]:
             folder = Path(config.external[name]).expanduser().resolve()
             specs.append(
                 InterventionSpec(
-                    name=name, scoring=config.scoring, script_dir=str(folder), script_sha256=_scripts_hash(folder)
+                    name=name,
+                    scoring=config.scoring,
+                    script_dir=str(folder),
+                    script_sha256=_scripts_hash(folder),
+                    contract=config.script_contract,
+                    seed=config.seed,
                 )
             )
         else:
             params = config.section_params(name)
-            specs.append(InterventionSpec(name=name, params=params, scoring=config.scoring))
+            specs.append(InterventionSpec(name=name, params=params, scoring=config.scoring, seed=config.seed))
     return specs
 
 
@@ -100,12 +127,24 @@ def _scripts_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def compute_train(ctx: RunContext, spec: InterventionSpec, key: str, model: ArtifactRef, pairs: ArtifactRef):
-    rows = ctx.store().read_rows(pairs)
+def compute_train(
+    ctx: RunContext,
+    spec: InterventionSpec,
+    key: str,
+    model: ArtifactRef,
+    pairs: ArtifactRef,
+    test_pairs: ArtifactRef | None = None,
+):
+    """``test_pairs``: the source's test pairs, for a script's test.json (its own evaluation while training)."""
     intervention = make_intervention(spec, checkpoints=(ctx, key))
+    rows = ctx.store().read_rows(pairs)
+    if spec.script_dir:  # a script gets every response of its records and picks as it likes
+        extra = {"test_pairs": ctx.store().read_rows(test_pairs)} if test_pairs else {}
+    else:
+        rows, extra = one_pair_per_prompt(rows, spec.seed), {}
     out = Path(tempfile.mkdtemp(prefix="alignflow-genies-train-"))
     (out / "state").mkdir()
-    metrics = intervention.train(ctx.model_dir(model), rows, out / "state", None)
+    metrics = intervention.train(ctx.model_dir(model), rows, out / "state", None, **extra)
     metrics = {"train_pairs": len(rows), **metrics}
     # one row per metric: each intervention reports its own ones
     table = pa.Table.from_pylist([{"metric": name, "value": float(value)} for name, value in metrics.items()])

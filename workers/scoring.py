@@ -80,25 +80,11 @@ def sequence_logprob_sums(
     responses: list[list[int]],
     token_budget: int,
     progress=None,
-    prefix: Sequence[int] = (),
 ) -> list[float]:
-    """Summed response log-probs of many sequences. A ``prefix`` shared by all of
-    them (few-shot examples) is run once; every batch attends to a copy of its KV cache."""
-    if not prefix:
-        return map_batches(
-            lambda batch: response_logprob_sums(model, batch).tolist(),
-            prompts,
-            responses,
-            pad_id,
-            token_budget,
-            progress,
-        )
-    cache = prefix_cache(model, prefix)
-
-    def with_prefix(batch):
-        return response_logprob_sums(model, batch, cache_for_rows(cache, batch["input_ids"].shape[0])).tolist()
-
-    return map_batches(with_prefix, prompts, responses, pad_id, token_budget, progress)
+    """Summed response log-probs of many sequences, in length-bucketed batches."""
+    return map_batches(
+        lambda batch: response_logprob_sums(model, batch).tolist(), prompts, responses, pad_id, token_budget, progress
+    )
 
 
 def prefix_cache(model, prefix: Sequence[int]):

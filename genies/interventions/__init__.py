@@ -40,7 +40,7 @@ def make_intervention(spec, checkpoints=None) -> Intervention:
     """The intervention a spec names; ``spec.script_dir`` set means an external script folder.
     ``checkpoints`` = (run context, stage key): where resumable training keeps its checkpoints."""
     if spec.script_dir:
-        return ScriptIntervention(spec.name, spec.script_dir)
+        return ScriptIntervention(spec.name, spec.script_dir, spec.contract)
     entry = registration(spec.name)
     config = entry.config.model_validate(spec.params) if entry.config else None
     return entry.cls(spec.scoring, config, checkpoints)

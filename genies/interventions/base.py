@@ -38,6 +38,7 @@ class Scores:
 class Intervention(Protocol):
     name: str
     trains: bool  # False: the state is empty and evaluation uses the base model as is
+    full_train_split: bool  # True: trained on the whole (length-filtered) train split, not the capped pairs
 
     def train(self, base: Path, pairs: list[dict], out: Path, progress: Callable[[int], None] | None) -> dict:
         """Fit on ``pairs`` and write the state into ``out``; returns training metrics."""
@@ -58,6 +59,7 @@ class BuiltinIntervention:
 
     name: str  # set by @register
     trains: bool
+    full_train_split = False  # True: trains on the whole train split, not the capped pairs (few-shot's pool)
 
     def __init__(self, scoring: GeniesScoringConfig, config: BaseModel | None = None, run: TrainingRun | None = None):
         self.scoring = scoring

@@ -1,11 +1,21 @@
-"""External interventions in the public script contract, run unchanged:
+"""External interventions in GENIES's script contract, run unchanged. By default
+the contract GENIES's own API uses (scripts parse with ``fire``; lists are
+Python-literal strings):
 
-    python train.py --model_dir BASE --train_distribution DIST --output_dir OUT
-    python eval.py --model_dir OUT --distribution_dirs D1 [D2 ...] --output_paths P1 [P2 ...]
+    python train.py --model_dir BASE --output_dir OUT --training_distribution_dir D \
+        --test_distribution_dirs "['D']"
+    python eval.py --model_dir OUT --distribution_dirs "['D1', 'D2']" --output_paths "['P1.json', 'P2.json']"
 
-Each eval output is a JSON object with at least ``eval_accuracy``. A folder
-without train.py is evaluated on the base model. The scripts see the (capped)
-pairs written back into the release layout: ``<name>/{train,test}.json``.
+``contract: readme`` gives the flags of GENIES's README instead (``--train_distribution
+D``; space-separated lists). Each eval output is a JSON object with at least
+``eval_accuracy``. A folder without train.py is evaluated on the base model.
+
+A distribution folder always holds ``train.json`` and ``test.json`` (records as
+released, every response of each kept record): for training, the source's train
+pairs and, when the stage has them, its test pairs; for evaluation, the evaluated
+pairs in ``test.json`` and an empty ``train.json`` (GENIES's few-shot reads its
+examples from the training folder, whose path its train.py records). The output
+folder is the script's to keep: evaluation reads from it.
 """
 
 from __future__ import annotations
@@ -30,22 +40,41 @@ def records_from_pairs(pairs: list[dict]) -> list[dict]:
     return list(records.values())
 
 
-def write_distribution(root: Path, pairs: list[dict], split: str) -> Path:
-    """``root/<distribution>/<split>.json`` holding ``pairs`` as records."""
-    name = pairs[0]["pair_id"].split("/")[0] if pairs else "empty"
+def write_distribution(root: Path, name: str, train: list[dict], test: list[dict]) -> Path:
+    """``root/<name>/{train,test}.json`` holding the pairs as records."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{split}.json").write_text(json.dumps(records_from_pairs(pairs)))
+    for split, pairs in (("train", train), ("test", test)):
+        (folder / f"{split}.json").write_text(json.dumps(records_from_pairs(pairs)))
     (folder / "metadata.json").write_text(json.dumps({"id": name}))
     return folder
+
+
+def distribution_of(pairs: list[dict]) -> str:
+    return pairs[0]["pair_id"].split("/")[0] if pairs else "empty"
+
+
+def list_flag(values: list[str], contract: str) -> list[str]:
+    """A list argument: one Python-literal string for fire (GENIES's API), else separate words."""
+    return [repr(values)] if contract == "api" else values
 
 
 def read_accuracy(path: Path) -> tuple[float, dict]:
     result = read_json(path, "eval.py wrote no result file")
     if not isinstance(result, dict) or not isinstance(result.get("eval_accuracy"), (int, float)):
         raise GeniesDataError(f"{path}: no numeric 'eval_accuracy' (keys: {_keys_or_type(result)})")
-    extra = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "eval_accuracy"}
+    extra = {k: v for k, v in result.items() if type(v) in (int, float) and k != "eval_accuracy"}
     return float(result["eval_accuracy"]), extra
+
+
+def read_probabilities(path: Path, pairs: int) -> list[float] | None:
+    """``eval_probabilities`` (P(preferred) per pair, GENIES's order: records as written,
+    each record's pairs in turn) when it has one number per pair; None otherwise (absent,
+    or the script dropped pairs, so they cannot be matched)."""
+    values = json.loads(path.read_text()).get("eval_probabilities")
+    if isinstance(values, list) and len(values) == pairs and all(isinstance(v, (int, float)) for v in values):
+        return [float(v) for v in values]
+    return None
 
 
 def _keys_or_type(result) -> str:
@@ -53,9 +82,12 @@ def _keys_or_type(result) -> str:
 
 
 class ScriptIntervention:
-    def __init__(self, name: str, folder: str | Path):
+    full_train_split = False
+
+    def __init__(self, name: str, folder: str | Path, contract: str = "api"):
         self.name = name
         self.folder = Path(folder).expanduser().resolve()
+        self.contract = contract
         if not (self.folder / "eval.py").is_file():
             raise GeniesDataError(
                 f"intervention '{name}': {self.folder} has no eval.py "
@@ -63,36 +95,37 @@ class ScriptIntervention:
             )
         self.trains = (self.folder / "train.py").is_file()
 
-    def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
+    def train(self, base: Path, pairs: list[dict], out: Path, progress=None, test_pairs: list[dict] = ()) -> dict:
         with tempfile.TemporaryDirectory(prefix="genies-train-") as tmp:
-            dist = write_distribution(Path(tmp), pairs, "train")
-            self._run(
-                "train.py",
-                "--model_dir",
-                str(base),
-                "--train_distribution",
-                str(dist),
-                "--output_dir",
-                str(out / "model"),
-            )
+            dist = str(write_distribution(Path(tmp), distribution_of(pairs), pairs, list(test_pairs)))
+            output = ["--output_dir", str(out / "model")]
+            if self.contract == "api":
+                data = ["--training_distribution_dir", dist, "--test_distribution_dirs", *list_flag([dist], "api")]
+            else:
+                data = ["--train_distribution", dist]
+            self._run("train.py", "--model_dir", str(base), *output, *data)
         return {}
 
     def evaluate(self, base: Path, state: Path | None, pairs: list[dict], progress=None) -> Scores:
         model_dir = state / "model" if self.trains else base
         with tempfile.TemporaryDirectory(prefix="genies-eval-") as tmp:
-            dist = write_distribution(Path(tmp) / "distributions", pairs, "test")
+            dist = write_distribution(Path(tmp) / "distributions", distribution_of(pairs), [], pairs)
             result = Path(tmp) / "result.json"
             self._run(
                 "eval.py",
                 "--model_dir",
                 str(model_dir),
                 "--distribution_dirs",
-                str(dist),
+                *list_flag([str(dist)], self.contract),
                 "--output_paths",
-                str(result),
+                *list_flag([str(result)], self.contract),
             )
             accuracy, extra = read_accuracy(result)
-        return Scores(accuracy=accuracy, extra=extra)
+            p_preferred = read_probabilities(result, len(pairs))
+        if p_preferred is None:
+            return Scores(accuracy=accuracy, extra=extra)
+        p_a = [p if pair["preferred"] == 0 else 1.0 - p for pair, p in zip(pairs, p_preferred)]
+        return Scores(p_a=p_a, extra=extra | {"script_eval_accuracy": accuracy})
 
     def _run(self, script: str, *args: str) -> None:
         done = subprocess.run(

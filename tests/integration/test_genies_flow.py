@@ -1,11 +1,14 @@
 """The genies-eval flow end to end on the tiny model and real distributions, under
-ephemeral Prefect: report files, the published layout they are written in, metrics
-recomputed from that layout, the leaderboard CLI, caching, and bad input."""
+ephemeral Prefect: report files, GENIES's results tree they are written in and its
+export, metrics tables recomputed from that tree, the metrics and leaderboard CLIs,
+caching, and bad input."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -28,32 +31,33 @@ SHIFTS = [
     },
     {"source": "alpaca_mmlu", "target": "alpaca_short", "label": "extreme", "category": "length"},
 ]
-INTERVENTIONS = ["zero_shot", "few_shot", "mass_mean_shift", "longest"]
+INTERVENTIONS = ["zero_shot", "few_shot", "longest"]
 GENIES_STAGES = {"genies_pairs", "genies_train", "genies_evaluate", "genies_report"}
 
-# An external intervention in the public script contract: "prefer the longest response".
+# An external intervention in GENIES's script contract (fire, literal lists): "prefer the longest response".
 EVAL_PY = """
-import argparse, json, os
-p = argparse.ArgumentParser()
-p.add_argument("--model_dir")
-p.add_argument("--distribution_dirs", nargs="+")
-p.add_argument("--output_paths", nargs="+")
-a = p.parse_args()
-assert os.path.isfile(os.path.join(a.model_dir, "trained.json"))
-for folder, out in zip(a.distribution_dirs, a.output_paths):
-    records = json.load(open(os.path.join(folder, "test.json")))
-    def right(r):
-        best = max(r["responses"], key=r["responses"].get)
-        return all(len(best) > len(x) for x in r["responses"] if x != best)
-    json.dump({"eval_accuracy": sum(map(right, records)) / len(records)}, open(out, "w"))
+import json, os, fire
+
+def main(model_dir, distribution_dirs, output_paths):
+    assert os.path.isfile(os.path.join(model_dir, "trained.json"))
+    for folder, out in zip(distribution_dirs, output_paths):
+        records = json.load(open(os.path.join(folder, "test.json")))
+        def right(r):
+            best = max(r["responses"], key=r["responses"].get)
+            return all(len(best) > len(x) for x in r["responses"] if x != best)
+        json.dump({"eval_accuracy": sum(map(right, records)) / len(records)}, open(out, "w"))
+
+fire.Fire(main)
 """
 TRAIN_PY = """
-import argparse, json, os
-p = argparse.ArgumentParser()
-p.add_argument("--model_dir"); p.add_argument("--train_distribution"); p.add_argument("--output_dir")
-a = p.parse_args()
-os.makedirs(a.output_dir, exist_ok=True)
-json.dump({"from": os.path.basename(a.train_distribution)}, open(os.path.join(a.output_dir, "trained.json"), "w"))
+import json, os, fire
+
+def main(model_dir, output_dir, training_distribution_dir, test_distribution_dirs):
+    os.makedirs(output_dir, exist_ok=True)
+    trained = {"from": os.path.basename(training_distribution_dir)}
+    json.dump(trained, open(os.path.join(output_dir, "trained.json"), "w"))
+
+fire.Fire(main)
 """
 
 
@@ -62,18 +66,19 @@ def config_data(model_dir: Path, data_dir: Path, home: Path, spec: Path, scripts
         "model": str(model_dir),
         "data_dir": str(data_dir),
         "shifts": str(spec),
-        "interventions": ["few_shot", "mass_mean_shift", "longest"],
+        "interventions": ["few_shot", "longest"],
         "external": {"longest": str(scripts)},
         "max_train_pairs": 6,
         "max_eval_pairs": 6,
         "paths": {"home": str(home)},
-        "scoring": {"max_tokens": 128},
+        "results_dir": str(home / "results"),
+        "scoring": {"max_tokens": 512},  # the tiny BPE spends many tokens per word
         "few_shot": {"k": 2},
         **overrides,
     }
 
 
-TASK_RUNS = 28  # base_model + 5 pairs + 6 train + 15 evaluate + 1 report
+TASK_RUNS = 24  # base_model + 7 pairs + 4 train + 11 evaluate + 1 report
 
 
 def run_flow(config: GeniesConfig):
@@ -130,146 +135,154 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return reader.fieldnames, list(reader)
 
 
-def accuracy_at(report: Path, intervention: str, source: str | None, target: str) -> float:
-    folder = MODEL if source is None else f"{MODEL}-{source}"
-    return json.loads((report / "evaluations" / intervention / folder / f"{target}.json").read_text())["eval_accuracy"]
+def evaluation(results: Path, intervention: str, source: str, target: str) -> dict:
+    return json.loads((results / "evaluations" / intervention / f"{MODEL}-{source}" / f"{target}.json").read_text())
 
 
 def test_first_run_completes_every_stage(first):
     assert all(state == "Completed" for (_, state) in first.states), first.states
     counts = Counter(stage for stage, _ in first.states.elements())
-    # pairs: train {alpaca_short, alpaca_mmlu} + test {alpaca_long, alpaca_short, alpaca_mmlu}
-    # train: 3 trained interventions x 2 train distributions; evaluate: zero_shot 3 + 3 x 4 (S->T, S->S, R->R)
+    # pairs: capped train {alpaca_short, alpaca_mmlu}, whole train splits for few-shot's examples,
+    # test {alpaca_long, alpaca_short, alpaca_mmlu}; train: 2 trained interventions x 2 train distributions;
+    # evaluate: zero_shot 3 + 2 x 4 (S->T, S->S, R->R)
     assert {s: counts[s] for s in GENIES_STAGES} == {
-        "genies_pairs": 5,
-        "genies_train": 6,
-        "genies_evaluate": 15,
+        "genies_pairs": 7,
+        "genies_train": 4,
+        "genies_evaluate": 11,
         "genies_report": 1,
     }
     assert {k for k in first.summary["means"] if k.startswith("mean_de_")} == {f"mean_de_{n}" for n in INTERVENTIONS}
     assert first.summary["means"]["mean_de_zero_shot"] == 0.0  # zero-shot is its own baseline
 
 
-def test_report_folder_holds_tables_figures_and_the_published_layout(first):
-    report = first.report
+def test_the_report_holds_genies_results_tree(first):
+    report, results = first.report, first.report / "results"
     for name in ("metrics.csv", "metrics.parquet", "means.csv", "heatmap.png", "means.png", "report.md"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     assert (report / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    evaluations = sorted(str(p.relative_to(report / "evaluations")) for p in (report / "evaluations").rglob("*.json"))
-    expected = [
-        f"zero_shot/{folder}/{d}.json"
-        for d in ("alpaca_long", "alpaca_mmlu", "alpaca_short")
-        for folder in (MODEL, f"{MODEL}-alpaca_short", f"{MODEL}-alpaca_mmlu")
-    ]  # untrained: also per source
-    for name in ("few_shot", "mass_mean_shift", "longest"):
+    files = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+    expected = [  # zero-shot trains nothing but files its results under every trained-on distribution
+        f"evaluations/zero_shot/{MODEL}-{source}/{target}.json"
+        for source in ("alpaca_short", "alpaca_mmlu")
+        for target in ("alpaca_long", "alpaca_mmlu", "alpaca_short")
+    ]
+    for name in ("few_shot", "longest"):
         expected += [
-            f"{name}/{MODEL}-alpaca_short/alpaca_long.json",
-            f"{name}/{MODEL}-alpaca_short/alpaca_short.json",
-            f"{name}/{MODEL}-alpaca_mmlu/alpaca_mmlu.json",
-            f"{name}/{MODEL}-alpaca_mmlu/alpaca_short.json",
+            f"evaluations/{name}/{MODEL}-alpaca_short/alpaca_long.json",
+            f"evaluations/{name}/{MODEL}-alpaca_short/alpaca_short.json",
+            f"evaluations/{name}/{MODEL}-alpaca_mmlu/alpaca_mmlu.json",
+            f"evaluations/{name}/{MODEL}-alpaca_mmlu/alpaca_short.json",
         ]
-    assert evaluations == sorted(expected)
-    capabilities = sorted(p.name for p in (report / "target_tuned_capability" / MODEL).iterdir())
-    assert capabilities == ["alpaca_mmlu.json", "alpaca_short.json"]  # S1's reference, S2's target
+    # the ceilings are named by the shifts' targets; the metrics tables by the shift spec file
+    expected += [f"target_tuned_capability/{MODEL}/{t}.json" for t in ("alpaca_long", "alpaca_short")]
+    expected += [f"generalization_metrics/{MODEL}/{name}/shifts.csv" for name in INTERVENTIONS]
+    assert files == sorted(expected)
+    few_shot = evaluation(results, "few_shot", "alpaca_short", "alpaca_long")
+    assert set(few_shot) == {
+        "model_dir",
+        "distribution_id",
+        "timestamp",
+        "eval_accuracy",
+        "eval_probabilities",
+        "eval_brier_score",
+        "eval_score",
+        "eval_average_probability",
+        "eval_rms_calibration_error",
+        "eval_ece",
+        "eval_pairs",
+    }
+    assert few_shot["timestamp"] is None  # the artifact stays the same for the same run; the export stamps it
+    p = few_shot["eval_probabilities"]
+    assert len(p) == few_shot["eval_pairs"] and few_shot["eval_score"] == pytest.approx(-few_shot["eval_brier_score"])
+    assert few_shot["eval_brier_score"] == pytest.approx(sum((1 - x) ** 2 for x in p) / len(p))
+    assert few_shot["eval_average_probability"] == pytest.approx(sum(p) / len(p))
+    assert few_shot["model_dir"] == f"models/few_shot/{MODEL}-alpaca_short"
+    assert few_shot["distribution_id"] == "alpaca_long"
     markdown = (report / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in INTERVENTIONS)
-    assert "alpaca_short -> alpaca_long" in markdown
 
 
-def test_metrics_recomputed_from_the_evaluation_files(first):
-    report = first.report
-    header, rows = read_csv(report / "metrics.csv")
-    assert header[:8] == [
-        "source",
-        "target",
-        "target_reference",
-        "generalization_accuracy",
-        "baseline_accuracy",
-        "target_tuned_capability",
-        "differential_elicitation",
-        "source_ID_accuracy",
-    ]
-    assert {"intervention", "model", "category", "label", "elicitation", "brier", "ece"} <= set(header)
-    assert len(rows) == len(INTERVENTIONS) * len(SHIFTS)
-    for row in rows:
-        name, shift = row["intervention"], next(s for s in SHIFTS if s["source"] == row["source"])
-        reference = shift.get("target_reference", shift["target"])
-        assert row["target_reference"] == reference and row["model"] == MODEL
-        trained = name != "zero_shot"
-        a = accuracy_at(report, name, shift["source"] if trained else None, shift["target"])
-        a_iid = accuracy_at(report, name, shift["source"] if trained else None, shift["source"])
-        a0 = accuracy_at(report, "zero_shot", None, shift["target"])
-        capability = json.loads((report / "target_tuned_capability" / MODEL / f"{reference}.json").read_text())
-        c = capability["best_intervention_accuracy"]
-        # the ceiling: the best A(R -> R) over the interventions run
-        on_reference = {
-            n: accuracy_at(report, n, reference if n != "zero_shot" else None, reference) for n in INTERVENTIONS
-        }
-        assert c == max(on_reference.values()) and on_reference[capability["intervention"]] == c
-        assert float(row["generalization_accuracy"]) == pytest.approx(a)
-        assert float(row["source_ID_accuracy"]) == pytest.approx(a_iid)
-        assert float(row["baseline_accuracy"]) == pytest.approx(a0)
-        assert float(row["target_tuned_capability"]) == pytest.approx(c)
-        assert c > 0
-        assert float(row["differential_elicitation"]) == pytest.approx((a - a0) / c)
-        assert float(row["elicitation"]) == pytest.approx(a / c)
-        if name == "longest":  # accuracy-only results have no per-pair calibration
-            assert row["brier"] == "nan" and row["ece"] == "nan"
-        else:
-            assert 0.0 <= float(row["brier"]) <= 1.0
-    table = pq.read_table(report / "metrics.parquet").to_pylist()
-    assert [(r["intervention"], r["source"]) for r in table] == [(r["intervention"], r["source"]) for r in rows]
-    assert [r["differential_elicitation"] for r in table] == pytest.approx(
-        [float(r["differential_elicitation"]) for r in rows]
+def test_the_export_is_the_tree_stamped_with_when_each_evaluation_ran(first):
+    exported, results = Path(first.summary["results_dir"]), first.report / "results"
+    assert sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(results) for p in results.rglob("*") if p.is_file()
     )
+    for path in (exported / "evaluations").rglob("*.json"):
+        data = json.loads(path.read_text())
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", data.pop("timestamp")), path
+        assert data == {
+            k: v for k, v in json.loads((results / path.relative_to(exported)).read_text()).items() if k != "timestamp"
+        }
 
 
-def test_metrics_cli_on_the_written_layout_matches_the_flow(first, tmp_path, capsys):
+def test_metrics_tables_are_a_function_of_the_json_files(first):
+    from alignflow.genies.metrics import PUBLISHED_COLUMNS
+
+    results = Path(first.summary["results_dir"])
+    for name in INTERVENTIONS:
+        header, rows = read_csv(results / "generalization_metrics" / MODEL / name / "shifts.csv")
+        assert header == PUBLISHED_COLUMNS
+        assert len(rows) == len(SHIFTS)
+        for row, shift in zip(rows, SHIFTS):
+            source, target = shift["source"], shift["target"]
+            reference = shift.get("target_reference", target)
+            a = evaluation(results, name, source, target)["eval_accuracy"]
+            a_iid = evaluation(results, name, source, source)["eval_accuracy"]
+            a0 = evaluation(results, "zero_shot", source, target)["eval_accuracy"]
+            ceiling = json.loads((results / "target_tuned_capability" / MODEL / f"{target}.json").read_text())
+            assert ceiling["target"] == target and ceiling["target_reference"] == reference
+            # the ceiling: the best A(R -> R) over every intervention run, zero-shot included
+            on_reference = {n: evaluation(results, n, reference, reference)["eval_accuracy"] for n in INTERVENTIONS}
+            c = ceiling["best_intervention_accuracy"]
+            assert c == max(on_reference.values()) > 0 and on_reference[ceiling["best_intervention"]] == c
+            assert (row["source"], row["target"], row["target_reference"]) == (source, target, reference)
+            assert (row["baseline_intervention"], row["target_tuned_capability_intervention"]) == (
+                "zero_shot",
+                ceiling["best_intervention"],
+            )
+            assert float(row["generalization_accuracy"]) == pytest.approx(a)
+            assert float(row["source_ID_accuracy"]) == pytest.approx(a_iid)
+            assert float(row["baseline_accuracy"]) == pytest.approx(a0)
+            assert float(row["target_tuned_capability"]) == pytest.approx(c)
+            assert float(row["differential_elicitation"]) == pytest.approx((a - a0) / c)
+            rms = evaluation(results, name, source, target).get("eval_rms_calibration_error")
+            assert row["RMS_calibration_error"] == ("nan" if rms is None or math.isnan(rms) else pytest.approx(rms))
+    _, flow_rows = read_csv(first.report / "metrics.csv")
+    assert len(flow_rows) == len(INTERVENTIONS) * len(SHIFTS)
+    assert all(r["brier"] == "nan" and r["ece"] == "nan" for r in flow_rows if r["intervention"] == "longest")
+    table = pq.read_table(first.report / "metrics.parquet").to_pylist()
+    assert [(r["intervention"], r["source"]) for r in table] == [(r["intervention"], r["source"]) for r in flow_rows]
+
+
+def test_metrics_and_leaderboard_clis_read_the_exported_tree(first, tmp_path, capsys):
     from alignflow.cli import main
 
-    report = first.report
+    results = Path(first.summary["results_dir"])
     out = tmp_path / "few_shot.csv"
+    args = ["--results", str(results), "--shifts", first.config.shifts, "--model", MODEL, "--out", str(out)]
+    assert main(["genies", "metrics", *args, "--intervention", "few_shot"]) == 0
+    assert "2 shifts" in capsys.readouterr().out
+    assert out.read_text() == (results / "generalization_metrics" / MODEL / "few_shot" / "shifts.csv").read_text()
+    board = tmp_path / "leaderboard.csv"
     assert (
         main(
             [
                 "genies",
-                "metrics",
-                "--evaluations",
-                str(report / "evaluations"),
-                "--capabilities",
-                str(report / "target_tuned_capability"),
+                "leaderboard",
+                "--results",
+                f"alignflow={results}",
                 "--shifts",
                 first.config.shifts,
-                "--intervention",
-                "few_shot",
-                "--model",
-                MODEL,
                 "--out",
-                str(out),
+                str(board),
             ]
         )
         == 0
     )
-    assert "2 shifts" in capsys.readouterr().out
-    header, cli_rows = read_csv(out)
-    _, flow_rows = read_csv(report / "metrics.csv")
-    ours = [{k: r[k] for k in header} for r in flow_rows if r["intervention"] == "few_shot"]
-    assert cli_rows == ours
-
-
-def test_metrics_cli_reads_the_flows_zero_shot_rows(first, tmp_path):
-    from alignflow.genies.metrics import published_rows
-    from alignflow.genies.shifts import load_shifts
-
-    report = first.report
-    rows = published_rows(
-        report / "evaluations", report / "target_tuned_capability", load_shifts(first.config.shifts), "zero_shot", MODEL
-    )
-    _, flow_rows = read_csv(report / "metrics.csv")
-    zero = [r for r in flow_rows if r["intervention"] == "zero_shot"]
-    assert [r["generalization_accuracy"] for r in rows] == pytest.approx(
-        [float(r["generalization_accuracy"]) for r in zero]
-    )
+    _, rows = read_csv(board)
+    assert sorted((r["source"], r["model"], r["intervention"]) for r in rows) == [
+        ("alignflow", MODEL, n) for n in sorted(INTERVENTIONS)
+    ]
 
 
 def test_second_run_is_served_from_cache(first):
@@ -287,12 +300,16 @@ def test_a_named_ceiling_reruns_only_the_report(first):
     assert {state for (stage, state) in states if stage in GENIES_STAGES - {"genies_report"}} == {"Cached"}
     assert states[("genies_report", "Completed")] == 1
     report = Path(summary["report_dir"])
-    for reference in ("alpaca_mmlu", "alpaca_short"):
-        capability = json.loads((report / "target_tuned_capability" / MODEL / f"{reference}.json").read_text())
-        assert capability == {
-            "best_intervention_accuracy": accuracy_at(report, "few_shot", reference, reference),
-            "intervention": "few_shot",
-        }
+    for shift in SHIFTS:
+        reference = shift.get("target_reference", shift["target"])
+        capability = json.loads(
+            (report / "results" / "target_tuned_capability" / MODEL / f"{shift['target']}.json").read_text()
+        )
+        assert capability["best_intervention"] == "few_shot"
+        assert (
+            capability["best_intervention_accuracy"]
+            == evaluation(report / "results", "few_shot", reference, reference)["eval_accuracy"]
+        )
     assert "Ceiling: few_shot" in (report / "report.md").read_text()
 
 
@@ -315,7 +332,7 @@ def test_ceiling_naming_an_intervention_not_run_is_an_error(first):
     with pytest.raises(
         ValueError,
         match="ceiling: 'dpo' is neither 'best' nor one of the interventions run "
-        r"\(zero_shot, few_shot, mass_mean_shift, longest\)",
+        r"\(zero_shot, few_shot, longest\)",
     ):
         genies_eval(config=config)
 

@@ -20,6 +20,8 @@ from alignflow.genies.data import (
     distribution_names,
     download,
     expand_pairs,
+    one_pair_per_prompt,
+    preferred_texts,
     read_split,
     record_problem,
     validate_release,
@@ -343,11 +345,23 @@ def test_builtin_matches_the_published_genies_spec():
     assert load_shifts(str(spec)) == GENIES
 
 
+def test_one_pair_per_prompt_draws_a_dispreferred_response_from_the_seed():
+    records = [{"prompt": f"q{i}", "responses": {"right": 1.0, "w1": 0.0, "w2": 0.0, "w3": 0.0}} for i in range(40)]
+    pairs = expand_pairs([GOOD, *records], seed=0, distribution="d", split="train")
+    kept = one_pair_per_prompt(pairs, seed=0)
+    assert [p["prompt"] for p in kept] == [GOOD["prompt"]] + [f"q{i}" for i in range(40)]  # one each, in order
+    assert all(p in pairs for p in kept)
+    drawn = [preferred_texts(p)[1] for p in kept[1:]]
+    assert set(drawn) == {"w1", "w2", "w3"}  # not always the first dispreferred
+    assert one_pair_per_prompt(pairs, seed=0) == kept and one_pair_per_prompt(pairs, seed=1) != kept
+
+
 def test_published_all_json_dedupes_to_56(genies_tar):
     spec = require_shared(SHIFT_SPECS / "all.json", "published shift spec")
     assert len(json.loads(spec.read_text())) == 69
     shifts = load_shifts(str(spec))
     assert len(shifts) == 56
+    assert len(load_shifts(str(spec), keep_repeats=True)) == 69  # as its published metrics tables list them
     with tarfile.open(genies_tar) as tar:
         names = sorted({n.split("/")[1] for n in tar.getnames() if n.count("/") >= 2})
     check_distributions(shifts, names)  # every distribution it names is in the release
@@ -407,12 +421,14 @@ def test_counts_from_real_records_are_what_expand_pairs_gives(genies_data_dir):
     assert Counter(p["record"] for p in pairs) == Counter({i: 3 for i in range(len(records))})
 
 
-def test_an_empty_split_is_bad_input_naming_the_file(tmp_path):
+def test_an_empty_split_is_bad_input_naming_the_file(tmp_path, tiny_model_dir):
     from alignflow.genies.stages import GENIES_PAIRS, pairs_spec
+    from alignflow.tasks.base_model import base_model_ref
     from alignflow.tasks.stage import RunContext
 
     _release(tmp_path, {"empty": {"train": [GOOD], "test": []}})
     ctx = RunContext(artifact_root=str(tmp_path / "artifacts"), model_cache=str(tmp_path / "models"))
+    model = base_model_ref(str(tiny_model_dir), ctx.model_cache)
     with pytest.raises(GeniesDataError) as e:
-        GENIES_PAIRS.run(ctx, pairs_spec(tmp_path, "empty", "test", 6, 0))
+        GENIES_PAIRS.run(ctx, pairs_spec(tmp_path, "empty", "test", 512, 6, 0), model=model)
     assert str(tmp_path / "distributions" / "empty" / "test.json") in str(e.value)

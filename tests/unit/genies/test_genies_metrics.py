@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,16 @@ from alignflow.genies.metrics import (
     PUBLISHED_COLUMNS,
     accuracy,
     brier,
+    capability_path,
+    evaluation_json,
     expected_calibration_error,
+    leaderboard,
     means,
     pair_correct,
     pair_metrics,
-    published_rows,
-    read_number,
+    results_rows,
+    rms_calibration_error,
     shift_row,
-    write_csv,
 )
 from alignflow.genies.shifts import Shift
 
@@ -67,10 +70,13 @@ def test_ece_certain_answers_land_in_the_top_bin():
     assert expected_calibration_error([1.0, 1.0]) == 0.0
 
 
-def test_pair_metrics_bundles_the_three():
-    assert pair_metrics(P) == {
+def test_pair_metrics_bundles_genies_numbers_and_ours():
+    metrics = pair_metrics(P)
+    assert math.isnan(metrics.pop("rms_calibration_error"))  # 4 pairs: no bin of 20
+    assert metrics == {
         "accuracy": pytest.approx(0.625),
         "brier": pytest.approx(0.1975),
+        "average_probability": pytest.approx((0.9 + 0.8 + 0.3 + 0.5) / 4),
         "ece": pytest.approx(0.25),
         "pairs": 4,
     }
@@ -125,12 +131,41 @@ def test_means_per_category_and_all_skip_nan():
     assert math.isnan(by[("i1", "all")]["brier"])  # no row has it: nan, not an error
 
 
-# -- the published layout ------------------------------------------------------
+# -- the published results tree -------------------------------------------------
 MODEL = "llama-7b"
 SHIFTS = (
     Shift(source="alpaca_short", target="alpaca_long", target_reference="alpaca_mmlu", category="spurious_cues"),
     Shift(source="arc_easy", target="arc_hard", category="difficulty"),
 )
+# the metrics table of classify_lora on SHIFTS, worked out by hand from the tree below
+EXPECTED = [
+    {
+        "source": "alpaca_short",
+        "target": "alpaca_long",
+        "target_reference": "alpaca_mmlu",
+        "generalization_accuracy": 0.7,
+        "baseline_accuracy": 0.5,
+        "baseline_intervention": "zero_shot",
+        "target_tuned_capability": 0.8,
+        "target_tuned_capability_intervention": "classify_lora",
+        "source_ID_accuracy": 0.9,
+        "RMS_calibration_error": 0.21,
+        "differential_elicitation": (0.7 - 0.5) / 0.8,
+    },
+    {
+        "source": "arc_easy",
+        "target": "arc_hard",
+        "target_reference": "arc_hard",
+        "generalization_accuracy": 0.6,
+        "baseline_accuracy": 0.4,
+        "baseline_intervention": "zero_shot",
+        "target_tuned_capability": 0.75,
+        "target_tuned_capability_intervention": "mms",
+        "source_ID_accuracy": 0.8,
+        "RMS_calibration_error": math.nan,  # an older file, without the calibration error
+        "differential_elicitation": (0.6 - 0.4) / 0.75,
+    },
+]
 
 
 def _write(path: Path, data) -> None:
@@ -140,160 +175,167 @@ def _write(path: Path, data) -> None:
 
 @pytest.fixture
 def published(tmp_path) -> Path:
-    """A small results tree in the published layout (one intervention, two shifts)."""
+    """A small results tree as GENIES commits it: one intervention, two shifts."""
     ev, cap = tmp_path / "evaluations", tmp_path / "target_tuned_capability"
-    for source, target, acc in [
-        ("alpaca_short", "alpaca_long", 0.7),
-        ("alpaca_short", "alpaca_short", 0.9),
-        ("arc_easy", "arc_hard", 0.6),
-        ("arc_easy", "arc_easy", 0.8),
-    ]:
-        _write(ev / "classify_lora" / f"{MODEL}-{source}" / f"{target}.json", {"eval_accuracy": acc, "loss": 1.0})
-    _write(ev / "zero_shot" / MODEL / "alpaca_long.json", {"eval_accuracy": 0.5})
-    _write(ev / "zero_shot" / MODEL / "arc_hard.json", {"eval_accuracy": 0.4})
-    _write(cap / MODEL / "alpaca_mmlu.json", {"best_intervention_accuracy": 0.8, "best_intervention": "classify_lora"})
-    _write(cap / MODEL / "arc_hard.json", {"best_intervention_accuracy": 0.75})
     _write(
-        cap / MODEL / "alpaca_long.json", {"best_intervention_accuracy": 0.1}
-    )  # a decoy: S1's reference is alpaca_mmlu
+        ev / "classify_lora" / f"{MODEL}-alpaca_short" / "alpaca_long.json",
+        {"eval_accuracy": 0.7, "eval_rms_calibration_error": 0.21, "eval_brier_score": 0.2, "distribution_id": "x"},
+    )
+    _write(ev / "classify_lora" / f"{MODEL}-alpaca_short" / "alpaca_short.json", {"eval_accuracy": 0.9})
+    _write(ev / "classify_lora" / f"{MODEL}-arc_easy" / "arc_hard.json", {"accuracy": 0.6})  # before the eval_ prefix
+    _write(ev / "classify_lora" / f"{MODEL}-arc_easy" / "arc_easy.json", {"eval_accuracy": 0.8})
+    # the baseline is filed under each shift's source; a decoy under the bare model name
+    _write(ev / "zero_shot" / f"{MODEL}-alpaca_short" / "alpaca_long.json", {"eval_accuracy": 0.5})
+    _write(ev / "zero_shot" / f"{MODEL}-arc_easy" / "arc_hard.json", {"eval_accuracy": 0.4})
+    _write(ev / "zero_shot" / MODEL / "arc_hard.json", {"eval_accuracy": 0.0})
+    # the ceiling is named by the target, measured on the reference
+    _write(
+        cap / MODEL / "alpaca_long.json",
+        {"best_intervention": "classify_lora", "best_intervention_accuracy": 0.8, "target_reference": "alpaca_mmlu"},
+    )
+    _write(cap / MODEL / "arc_hard.json", {"best_intervention": "mms", "best_intervention_accuracy": 0.75})
+    _write(cap / MODEL / "alpaca_mmlu.json", {"best_intervention_accuracy": 0.1})  # decoy: named by the reference
     return tmp_path
 
 
-def test_published_rows_read_the_layout(published):
-    rows = published_rows(
-        published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
-    )
-    first, second = rows
-    assert (
-        first["generalization_accuracy"],
-        first["source_ID_accuracy"],
-        first["baseline_accuracy"],
-        first["target_tuned_capability"],
-    ) == (0.7, 0.9, 0.5, 0.8)
-    assert first["target_reference"] == "alpaca_mmlu"
-    assert first["differential_elicitation"] == pytest.approx((0.7 - 0.5) / 0.8)
-    assert second["target_reference"] == "arc_hard"
-    assert second["differential_elicitation"] == pytest.approx((0.6 - 0.4) / 0.75)
-    assert second["elicitation"] == pytest.approx(0.6 / 0.75)
+def _same(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected):
+        for column, value in want.items():
+            if isinstance(value, float):
+                assert row[column] == pytest.approx(value, abs=1e-6, nan_ok=True), column
+            else:
+                assert row[column] == value, column
+
+
+def test_results_rows_are_the_published_table(published):
+    rows = results_rows(published, SHIFTS, "classify_lora", MODEL)
+    _same(rows, EXPECTED)
+    assert rows[0]["brier"] == 0.2 and math.isnan(rows[1]["brier"])
     assert {r["intervention"] for r in rows} == {"classify_lora"} and {r["model"] for r in rows} == {MODEL}
 
 
-def test_write_csv_puts_the_published_columns_first(published, tmp_path):
-    rows = published_rows(
-        published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
-    )
-    out = tmp_path / "out" / "metrics.csv"
-    write_csv(out, rows)
+def test_metrics_cli_writes_the_published_columns_in_order(published, tmp_path, capsys):
+    spec = tmp_path / "all.json"
+    spec.write_text(json.dumps([s.model_dump() for s in (*SHIFTS, SHIFTS[0])]))  # repeats stay, as in all.json
+    out = tmp_path / "all.csv"
+    assert metrics_cli(published, spec, out) == 0
+    assert "3 shifts" in capsys.readouterr().out
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames
+        assert reader.fieldnames == PUBLISHED_COLUMNS
         back = list(reader)
-    assert (
-        header[:8]
-        == PUBLISHED_COLUMNS
-        == [
-            "source",
-            "target",
-            "target_reference",
-            "generalization_accuracy",
-            "baseline_accuracy",
-            "target_tuned_capability",
-            "differential_elicitation",
-            "source_ID_accuracy",
-        ]
-    )
-    # ours follow; brier/ece are absent from published results, so they are not columns here
-    assert header[8:] == ["intervention", "model", "category", "label", "elicitation"]
-    assert [r["target_reference"] for r in back] == ["alpaca_mmlu", "arc_hard"]
-    assert float(back[0]["differential_elicitation"]) == pytest.approx(0.25)
-    assert float(back[1]["differential_elicitation"]) == pytest.approx(0.2 / 0.75)
+    parsed = [{k: v if k in TEXT_COLUMNS else float(v) for k, v in row.items()} for row in back]
+    _same(parsed, [*EXPECTED, EXPECTED[0]])
 
 
-def test_metrics_cli_writes_the_same_table(published, tmp_path, capsys):
-
-    spec = tmp_path / "shifts.json"
-    spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
-    out = tmp_path / "cli.csv"
-    assert metrics_cli(published, spec, out) == 0
-    printed = capsys.readouterr().out
-    assert "2 shifts" in printed and f"{((0.25 + 0.2 / 0.75) / 2):.4f}" in printed
-    direct = tmp_path / "direct.csv"
-    write_csv(
-        direct,
-        published_rows(
-            published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL
-        ),
-    )
-    assert out.read_text() == direct.read_text()
+TEXT_COLUMNS = {"source", "target", "target_reference", "baseline_intervention", "target_tuned_capability_intervention"}
 
 
-def test_evaluation_without_eval_accuracy_names_the_file(published):
-    bad = published / "evaluations" / "classify_lora" / f"{MODEL}-arc_easy" / "arc_hard.json"
-    bad.write_text(json.dumps({"accuracy": 0.6}))
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("evaluations/zero_shot/llama-7b-arc_easy/arc_hard.json", "the zero-shot baseline on arc_hard"),
+        ("target_tuned_capability/llama-7b/arc_hard.json", "the target-tuned capability"),
+        ("evaluations/classify_lora/llama-7b-arc_easy/arc_easy.json", "evaluation on its source arc_easy"),
+    ],
+)
+def test_a_missing_file_is_one_line_naming_the_path(published, path, expected):
+    (published / path).unlink()
     with pytest.raises(GeniesDataError) as e:
-        published_rows(published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL)
-    assert str(bad) in str(e.value) and "eval_accuracy" in str(e.value) and "accuracy" in str(e.value)
-
-
-def test_missing_result_file_names_the_path(published):
-    missing = published / "evaluations" / "zero_shot" / MODEL / "arc_hard.json"
-    missing.unlink()
-    with pytest.raises(GeniesDataError, match="result file not found") as e:
-        published_rows(published / "evaluations", published / "target_tuned_capability", SHIFTS, "classify_lora", MODEL)
-    assert str(missing) in str(e.value)
+        results_rows(published, SHIFTS, "classify_lora", MODEL)
+    assert str(e.value).startswith(f"{published / path}: missing; expected") and expected in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
     "content,expected",
     [
         ("{not json", "not valid JSON"),
-        ("[0.5]", "no numeric 'eval_accuracy'"),
-        ('{"eval_accuracy": "0.5"}', "no numeric 'eval_accuracy'"),
+        ("[0.5]", "no numeric 'eval_accuracy' (nor 'accuracy')"),
+        ('{"eval_accuracy": "0.5"}', "no numeric 'eval_accuracy' (nor 'accuracy'); found keys: ['eval_accuracy']"),
         ('{"eval_accuracy": true}', "no numeric 'eval_accuracy'"),
     ],
 )
-def test_read_number_rejects_bad_content(tmp_path, content, expected):
-    path = tmp_path / "x.json"
+def test_a_bad_evaluation_names_the_file(published, content, expected):
+    path = published / "evaluations" / "classify_lora" / f"{MODEL}-arc_easy" / "arc_hard.json"
     path.write_text(content)
-    with pytest.raises(GeniesDataError, match=expected) as e:
-        read_number(path, "eval_accuracy")
-    assert str(path) in str(e.value)
+    with pytest.raises(GeniesDataError) as e:
+        results_rows(published, SHIFTS, "classify_lora", MODEL)
+    assert str(e.value).startswith(f"{path}: ") and expected in str(e.value)
 
 
-def test_metrics_cli_bad_file_is_a_one_line_error(published, tmp_path, capsys):
+def test_leaderboard_puts_published_rows_and_ours_together(published, tmp_path):
+    ours = tmp_path / "ours"
+    for row in EXPECTED:  # our tree: the same layout, another model, generalization 0.1 higher
+        shift = next(s for s in SHIFTS if s.target == row["target"])
+        folder = ours / "evaluations"
+        _write(
+            folder / "dpo" / f"tiny-{shift.source}" / f"{shift.target}.json",
+            {"eval_accuracy": row["generalization_accuracy"] + 0.1},
+        )
+        _write(folder / "dpo" / f"tiny-{shift.source}" / f"{shift.source}.json", {"eval_accuracy": 1.0})
+        _write(
+            folder / "zero_shot" / f"tiny-{shift.source}" / f"{shift.target}.json",
+            {"eval_accuracy": row["baseline_accuracy"]},
+        )
+        _write(
+            capability_path(ours, "tiny", shift.target), {"best_intervention_accuracy": row["target_tuned_capability"]}
+        )
+    rows, skipped = leaderboard({"published": published, "alignflow": ours}, SHIFTS)
+    assert [(r["source"], r["model"], r["intervention"]) for r in rows] == [
+        ("alignflow", "tiny", "dpo"),
+        ("published", MODEL, "classify_lora"),
+    ]
+    de = [(0.7 - 0.5) / 0.8, (0.6 - 0.4) / 0.75]
+    assert rows[1]["differential_elicitation"] == pytest.approx(sum(de) / 2)
+    assert rows[0]["differential_elicitation"] == pytest.approx((0.1 / 0.8 + 0.1 / 0.75 + sum(de)) / 2)
+    assert rows[0]["shifts"] == 2 and rows[0]["source_ID_accuracy"] == 1.0
+    # zero_shot's own table needs a ceiling and its source evaluations: where they are missing it is left out, named
+    assert any(reason.startswith("published llama-7b zero_shot:") for reason in skipped)
 
-    spec = tmp_path / "shifts.json"
-    spec.write_text(json.dumps([s.model_dump() for s in SHIFTS]))
-    bad = published / "target_tuned_capability" / MODEL / "arc_hard.json"
-    bad.write_text(json.dumps({"accuracy": 0.7}))
-    assert metrics_cli(published, spec, tmp_path / "o.csv") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(bad) in err[0] and "best_intervention_accuracy" in err[0]
-    assert not (tmp_path / "o.csv").exists()
+
+# -- the per-pair numbers GENIES publishes ---------------------------------------
+def _coin_labels(n: int) -> list[int]:
+    coin = random.Random(42)
+    return [coin.choice([0, 1]) for _ in range(n)]
+
+
+def test_rms_calibration_error_compares_each_bin_with_the_overall_label_mean():
+    # every p = 0.5: relabelled 0.5 either way, all 40 in the middle bin [0.4, 0.6)
+    labels = _coin_labels(40)
+    assert rms_calibration_error([0.5] * 40) == pytest.approx(abs(sum(labels) / 40 - 0.5))
+    # p = 1: label 1 keeps 1.0 (outside the last bin, as numpy.digitize puts it), label 0 gives 0.0 (first bin)
+    labels = _coin_labels(60)
+    zeros = labels.count(0)
+    assert zeros >= 20  # so the first bin counts
+    assert rms_calibration_error([1.0] * 60) == pytest.approx(sum(labels) / 60)
+
+
+def test_rms_calibration_error_skips_bins_under_20_pairs():
+    assert math.isnan(rms_calibration_error([0.5] * 19))
+    assert not math.isnan(rms_calibration_error([0.5] * 20))
+
+
+def test_evaluation_json_is_what_genies_writes():
+    p = [0.9, 0.8, 0.3, 0.5]
+    result = evaluation_json(pair_metrics(p), p, "arc_hard", "models/tiny", "2026-11-25 10:00:00")
+    assert result["eval_accuracy"] == pytest.approx(0.625) and result["eval_probabilities"] == p
+    assert result["eval_brier_score"] == pytest.approx(0.1975) and result["eval_score"] == pytest.approx(-0.1975)
+    assert result["eval_average_probability"] == pytest.approx(0.625)
+    assert math.isnan(result["eval_rms_calibration_error"])  # 4 pairs: no bin reaches 20
+    assert (result["distribution_id"], result["model_dir"], result["timestamp"]) == (
+        "arc_hard",
+        "models/tiny",
+        "2026-11-25 10:00:00",
+    )
+    accuracy_only = evaluation_json({"accuracy": 0.5, "pairs": 4}, None, "arc_hard", "models/tiny", None)
+    assert set(accuracy_only) == {"model_dir", "distribution_id", "timestamp", "eval_accuracy", "eval_pairs"}
 
 
 def metrics_cli(published: Path, spec: Path, out: Path) -> int:
-    """`alignflow genies metrics` over a published results tree, as a user types it."""
+    """`alignflow genies metrics` over a results tree, as a user types it."""
     from alignflow.cli import main
 
-    args = [
-        "--evaluations",
-        str(published / "evaluations"),
-        "--capabilities",
-        str(published / "target_tuned_capability"),
-    ]
-    return main(
-        [
-            "genies",
-            "metrics",
-            *args,
-            "--shifts",
-            str(spec),
-            "--intervention",
-            "classify_lora",
-            "--model",
-            MODEL,
-            "--out",
-            str(out),
-        ]
-    )
+    args = ["--results", str(published), "--shifts", str(spec), "--intervention", "classify_lora", "--model", MODEL]
+    return main(["genies", "metrics", *args, "--out", str(out)])

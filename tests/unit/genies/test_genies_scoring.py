@@ -1,5 +1,5 @@
-"""How GENIES text reaches the model (genies/scoring.py), the shared-prefix path of
-workers.scoring.sequence_logprob_sums, and the mass-mean probe's arithmetic."""
+"""How GENIES text reaches the model (genies/scoring.py), the length filter, and the
+mass-mean probe's arithmetic."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ from alignflow.genies.data import expand_pairs
 from alignflow.genies.interventions.base import Scores
 from alignflow.genies.interventions.mass_mean import fit_slope, held_out_mask, pair_score
 from alignflow.genies.interventions.script import records_from_pairs
-from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress, prob_first, probs_from_scores
+from alignflow.genies.scoring import (
+    encode_pairs,
+    last_token_states,
+    per_pair_progress,
+    prob_first,
+    probs_from_scores,
+    too_long,
+)
 from alignflow.genies.stages import score_table
 from alignflow.workers.models import load_causal_lm
-from alignflow.workers.scoring import pack, sequence_logprob_sums
+from alignflow.workers.scoring import pack
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -63,26 +70,23 @@ def test_two_prompts_sharing_a_response_stay_two_sequences(tiny):
     assert seqs.pair_index == [(0, 1), (2, 3)]
 
 
-@pytest.mark.parametrize("max_tokens", [16, 32, 33, 100])
-def test_truncation_keeps_prompt_tail_and_response_head(tiny, max_tokens):
+def test_no_special_tokens_and_a_prefix_goes_before_the_prompt(tiny):
     _, tokenizer = tiny
-    long_prompt = "Instruction: " + " ".join(f"word{i}" for i in range(80)) + "\n### Response:\n"
-    long_response = " ".join(f"answer{i}" for i in range(80))
-    pairs = [{"prompt": long_prompt, "response_a": long_response, "response_b": "ok", "preferred": 1}]
-    seqs = encode_pairs(tokenizer, pairs, max_tokens=max_tokens)
-    full_prompt, full_response = tokenizer(long_prompt)["input_ids"], ids(tokenizer, long_response)
-    assert len(full_prompt) > max_tokens and len(full_response) > max_tokens
-    for prompt, response in zip(seqs.prompts, seqs.responses):
-        assert len(prompt) + len(response) <= max_tokens
-        assert prompt == full_prompt[-len(prompt) :]  # the prompt loses tokens from the left
-        assert response[-1] == tokenizer.eos_token_id
-    long_ids = seqs.responses[seqs.pair_index[0][0]]
-    assert len(long_ids) == max_tokens // 2  # first max_tokens/2 - 1 response tokens, then EOS
-    assert long_ids[:-1] == full_response[: max_tokens // 2 - 1]
-    short_ids = seqs.responses[seqs.pair_index[0][1]]
-    assert short_ids == ids(tokenizer, "ok") + [tokenizer.eos_token_id]
-    # with a short response the prompt gets all the remaining room
-    assert len(seqs.prompts[seqs.pair_index[0][1]]) == max_tokens - len(short_ids)
+    pairs = [{"pair_id": "d/test/0/0", "prompt": "P ### Response:\n", "response_a": "yes", "response_b": "no"}]
+    plain = encode_pairs(tokenizer, pairs, max_tokens=64)
+    assert plain.prompts[0] == ids(tokenizer, "P ### Response:\n")  # no BOS, as GENIES's collator
+    shots = encode_pairs(tokenizer, pairs, max_tokens=64, prefix=lambda pair: [7, 8])
+    assert shots.prompts == [[7, 8] + plain.prompts[0]] * 2 and shots.responses == plain.responses
+
+
+def test_a_pair_over_max_tokens_is_refused_and_too_long_finds_its_record(tiny):
+    _, tokenizer = tiny
+    record = {"prompt": "P ### Response:\n", "responses": {"ok": 1.0, " ".join(["word"] * 40): 0.0}}
+    longest = len(ids(tokenizer, record["prompt"])) + max(len(ids(tokenizer, r)) + 1 for r in record["responses"])
+    assert too_long(tokenizer, record, longest - 1) and not too_long(tokenizer, record, longest)
+    pairs = expand_pairs([record], seed=0, distribution="d", split="test")
+    with pytest.raises(ValueError, match=f"pair d/test/0/0: {longest} tokens, over max_tokens={longest - 1}"):
+        encode_pairs(tokenizer, pairs, max_tokens=longest - 1)
 
 
 def test_prob_first_is_a_two_way_softmax():
@@ -104,27 +108,6 @@ def test_per_pair_progress_reports_pairs_while_counting_sequences():
 
 
 # -- the model -----------------------------------------------------------------
-def test_prefix_cache_equals_scoring_the_concatenation(tiny):
-    model, tokenizer = tiny
-    pairs = expand_pairs(
-        [RECORD, {"prompt": "Say hi.\n### Response:\n", "responses": {"hi": 1.0, "bye now": 0.0}}],
-        seed=0,
-        distribution="d",
-        split="test",
-    )
-    seqs = encode_pairs(tokenizer, pairs, max_tokens=128, bos=False)
-    prefix = tokenizer("Example instruction.\n### Response:\nExample answer.\n\n")["input_ids"]
-    pad = tokenizer.pad_token_id
-    for budget in (64, 4096):  # several small padded batches, and one batch
-        with_prefix = sequence_logprob_sums(model, pad, seqs.prompts, seqs.responses, budget, prefix=prefix)
-        concatenated = sequence_logprob_sums(model, pad, [prefix + p for p in seqs.prompts], seqs.responses, budget)
-        assert len(with_prefix) == len(seqs.prompts) == 6  # 4 + 2 distinct sequences
-        assert with_prefix == pytest.approx(concatenated, abs=1e-4)
-        assert all(v < 0 for v in with_prefix)
-    without = sequence_logprob_sums(model, pad, seqs.prompts, seqs.responses, 4096)
-    assert without != pytest.approx(concatenated, abs=1e-3)  # the prefix does change the numbers
-
-
 @torch.inference_mode()
 def test_last_token_states_pick_each_rows_last_real_token(tiny):
     model, _ = tiny
