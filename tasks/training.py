@@ -66,10 +66,12 @@ def split_rows(
     return train_rows, val
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, decay: bool = True) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total`` (``decay=False``: it stays at 1)."""
     if step < warmup:
         return (step + 1) / warmup
+    if not decay:
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

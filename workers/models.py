@@ -124,14 +124,15 @@ def load_causal_lm(model_dir: Path, dtype: str = "float32"):
     return model, tokenizer
 
 
-def load_backbone(model_dir: Path, dtype: str = "float32"):
+def load_backbone(model_dir: Path, dtype: str = "float32", quantization_config=None):
     """(decoder without its LM head, tokenizer): for probes and reward heads, which
-    need hidden states, not vocabulary logits."""
+    need hidden states, not vocabulary logits. ``quantization_config``: e.g. bitsandbytes
+    4-bit weights (which transformers places on the GPU; ``dtype`` is then the other weights')."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    model = AutoModel.from_pretrained(model_dir, dtype=torch_dtype(dtype), quantization_config=quantization_config)
     model.eval()
     return model, tokenizer

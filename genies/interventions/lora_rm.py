@@ -1,16 +1,20 @@
 """lora_reward_model: a scalar head on the decoder's last-token state, trained with
-LoRA and the Bradley-Terry loss -log sigmoid(r_preferred - r_dispreferred)."""
+LoRA and the Bradley-Terry loss -log sigmoid(r_preferred - r_dispreferred).
+
+Its pieces (the last-token head, the training loop, pair scoring) also serve the
+two-logit classifiers of lora_fine_tune.py and prompt_tuning.py."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from alignflow.config import LoraConfig, Strict
+from alignflow.config import GeniesScoringConfig, LoraConfig, Strict
 from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress, probs_from_scores
 from alignflow.tasks.base_model import model_name
@@ -29,37 +33,115 @@ class LoraRewardConfig(Strict):
     seed: int = 0
 
 
-class RewardModel(torch.nn.Module):
-    def __init__(self, backbone, hidden_size: int):
+class LastTokenHead(torch.nn.Module):
+    """A linear head on the backbone's state at each row's last real token (rows are
+    right-padded): rows x head outputs, in float32."""
+
+    def __init__(self, backbone, head: torch.nn.Linear):
         super().__init__()
         self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
+        self.head = head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        last = batch["attention_mask"].sum(dim=1) - 1
-        return self.head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)
+        device = self.head.weight.device  # batches are packed on the CPU; a 4-bit backbone runs on the GPU
+        mask = batch["attention_mask"].to(device)
+        hidden = self.backbone(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        last = mask.sum(dim=1) - 1
+        return self.head(hidden[torch.arange(len(last), device=device), last].float())
 
 
-def with_lora(backbone, config: LoraRewardConfig):
-    from peft import LoraConfig, get_peft_model
+class RewardModel(LastTokenHead):
+    def __init__(self, backbone, hidden_size: int):
+        super().__init__(backbone, torch.nn.Linear(hidden_size, 1))
 
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules),
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return super().forward(batch).squeeze(-1)
+
+
+def with_lora(backbone, lora: LoraConfig):
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    config = PeftLora(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
     )
-    return get_peft_model(backbone, lora)
+    return get_peft_model(backbone, config)
 
 
-def rewards(model: RewardModel, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
+def rewards(model: torch.nn.Module, seqs: Sequences, rows: list[int], pad_id: int) -> torch.Tensor:
     return model(pack([seqs.prompts[i] for i in rows], [seqs.responses[i] for i in rows], pad_id))
 
 
 def preferred_index(seqs: Sequences, pairs: list[dict]) -> list[tuple[int, int]]:
     """(preferred, dispreferred) sequence index per pair."""
     return [(a, b) if p["preferred"] == 0 else (b, a) for (a, b), p in zip(seqs.pair_index, pairs)]
+
+
+def bradley_terry_loss(preferred: torch.Tensor, dispreferred: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigmoid(r_preferred - r_dispreferred) over pairs and, for several
+    outputs per row, over the outputs (each is trained as a reward of its own)."""
+    return -F.logsigmoid(preferred - dispreferred).mean()
+
+
+def sampled_batches(pairs: int, batch_size: int, steps: int, seed: int) -> Iterable[list[int]]:
+    """Per step, ``batch_size`` pair indices drawn with replacement."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(pairs, (min(batch_size, pairs),), generator=generator).tolist()
+
+
+def fit_preferences(
+    model: torch.nn.Module,
+    seqs: Sequences,
+    order: list[tuple[int, int]],
+    pad_id: int,
+    batches: Iterable[list[int]],
+    learning_rate: Callable[[int], float],
+    max_grad_norm: float,
+    progress=None,
+) -> list[float]:
+    """Train ``model`` (rewards per row) on the Bradley-Terry loss; a step per batch of indices
+    into ``order`` (preferred, dispreferred), AdamW without weight decay at ``learning_rate(step)``,
+    gradients clipped to ``max_grad_norm``. Returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate(0), weight_decay=0.0)
+    losses = []
+    for step, chosen in enumerate(batches):
+        r = rewards(model, seqs, [order[i][0] for i in chosen] + [order[i][1] for i in chosen], pad_id)
+        loss = bradley_terry_loss(r[: len(chosen)], r[len(chosen) :])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        if progress:
+            progress(len(chosen))
+    return losses
+
+
+def record_losses(losses: list[float], out: Path) -> dict:
+    """Write the loss curve beside the state; the train metrics that summarise it."""
+    (out / "train_log.json").write_text(json.dumps({"loss": losses}))
+    tail = losses[-10:]
+    return {"steps": len(losses), "first_loss": round(losses[0], 4), "last_loss": round(sum(tail) / len(tail), 4)}
+
+
+def pair_probabilities(
+    score: Callable[[dict], torch.Tensor], tokenizer, pairs: list[dict], scoring: GeniesScoringConfig, progress=None
+) -> list[float]:
+    """P(A preferred) = softmax over the two responses' scores; ``score(batch)``: one per row."""
+    seqs = encode_pairs(tokenizer, pairs, scoring.max_tokens)
+    values = map_batches(
+        lambda batch: score(batch).tolist(),
+        seqs.prompts,
+        seqs.responses,
+        tokenizer.pad_token_id,
+        scoring.token_budget,
+        per_pair_progress(progress, len(seqs.prompts), len(pairs)),
+    )
+    return probs_from_scores(*seqs.pair_scores(values))
 
 
 @register("lora_reward_model", LoraRewardConfig)
@@ -70,35 +152,23 @@ class LoraRewardModel(BuiltinIntervention):
     def train(self, base: Path, pairs: list[dict], out: Path, progress=None) -> dict:
         torch.manual_seed(self.config.seed)
         backbone, tokenizer = load_backbone(base, "float32")
-        model = RewardModel(with_lora(backbone, self.config), backbone.config.hidden_size)
+        model = RewardModel(with_lora(backbone, self.config.lora), backbone.config.hidden_size)
         model.train()
         seqs = encode_pairs(tokenizer, pairs, self.scoring.max_tokens)
-        order = preferred_index(seqs, pairs)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
         warmup = max(1, round(self.config.warmup_ratio * self.config.steps))
-        generator = torch.Generator().manual_seed(self.config.seed)
-        losses = []
-        for step in range(self.config.steps):
-            chosen = torch.randint(len(order), (min(self.config.batch_size, len(order)),), generator=generator).tolist()
-            r = rewards(
-                model, seqs, [order[i][0] for i in chosen] + [order[i][1] for i in chosen], tokenizer.pad_token_id
-            )
-            loss = -F.logsigmoid(r[: len(chosen)] - r[len(chosen) :]).mean()
-            for group in optimizer.param_groups:
-                group["lr"] = self.config.lr * lr_factor(step, self.config.steps, warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            if progress:
-                progress(len(chosen))
+        losses = fit_preferences(
+            model,
+            seqs,
+            preferred_index(seqs, pairs),
+            tokenizer.pad_token_id,
+            sampled_batches(len(pairs), self.config.batch_size, self.config.steps, self.config.seed),
+            lambda step: self.config.lr * lr_factor(step, self.config.steps, warmup),
+            self.config.max_grad_norm,
+            progress,
+        )
         save_adapter(model.backbone, out / "adapter", model_name(base))
         torch.save(model.head.state_dict(), out / "head.pt")
-        (out / "train_log.json").write_text(json.dumps({"loss": losses}))
-        tail = losses[-10:]
-        return {"steps": len(losses), "first_loss": round(losses[0], 4), "last_loss": round(sum(tail) / len(tail), 4)}
+        return record_losses(losses, out)
 
     @torch.inference_mode()
     def evaluate(self, base: Path, state: Path | None, pairs: list[dict], progress=None) -> Scores:
@@ -108,14 +178,4 @@ class LoraRewardModel(BuiltinIntervention):
         model = RewardModel(PeftModel.from_pretrained(backbone, state / "adapter"), backbone.config.hidden_size)
         model.head.load_state_dict(torch.load(state / "head.pt"))
         model.eval()
-        seqs = encode_pairs(tokenizer, pairs, self.scoring.max_tokens)
-        advance = per_pair_progress(progress, len(seqs.prompts), len(pairs))
-        values = map_batches(
-            lambda batch: model(batch).tolist(),
-            seqs.prompts,
-            seqs.responses,
-            tokenizer.pad_token_id,
-            self.scoring.token_budget,
-            advance,
-        )
-        return Scores(p_a=probs_from_scores(*seqs.pair_scores(values)))
+        return Scores(p_a=pair_probabilities(model, tokenizer, pairs, self.scoring, progress))
