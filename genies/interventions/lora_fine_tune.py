@@ -19,8 +19,6 @@ Departures from upstream:
 - The head reads the last real token (the EOS) of each right-padded row. Upstream's classifier
   reads the token before the first pad id of its left-padded rows: the same EOS, except where
   the pad id is the EOS id and a row has no padding (then the token before the EOS).
-- Text as every built-in intervention encodes it (genies/scoring.py), which starts with the
-  tokenizer's BOS; upstream adds none.
 """
 
 from __future__ import annotations
