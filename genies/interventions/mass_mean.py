@@ -1,10 +1,16 @@
-"""mass_mean_shift: a truthfulness-style direction per layer.
+"""mass_mean_shift: this project's own per-layer mean-difference direction.
 
+It is neither upstream's mms (one direction per attention head: mms.py) nor a copy
+of upstream's per-layer lat_stim_1 (lat_stim_1.py), though it is the same idea as the latter.
 Per layer, the direction is mean(activation of preferred) - mean(activation of
-dispreferred), with activations taken at the last token of prompt+response.
-Layers are ranked by probe accuracy on held-out training pairs and the top k
-kept. A pair's score is s = 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d));
+dispreferred), with activations taken at the last token of prompt+response+EOS
+(block outputs 1..L, the last one normed). Layers are ranked by how often the sign of
+cos(a(preferred) - a(dispreferred), d) is right on held-out training records and the top
+k kept. A pair's score is s = 1/2 (1 + mean over kept layers of cos(a(B) - a(A), d));
 P(B preferred) = sigmoid(w (s - 1/2)) with w fitted on the held-out pairs.
+
+Where lat_stim_1 differs: no EOS, block inputs 0..L-1, directions from all training
+pairs, layers ranked by logistic probes, a calibrator with an intercept, a random 30% split.
 """
 
 from __future__ import annotations
@@ -61,20 +67,37 @@ def signed_to_preferred(pairs: list[dict]) -> torch.Tensor:
     return torch.tensor([1.0 if p["preferred"] == 1 else -1.0 for p in pairs])
 
 
-def fit_slope(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, iterations: int = 50) -> float:
-    """w of P(y=1) = sigmoid(w x) by Newton's method, with a small L2 penalty
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """w minimising sum_i logloss(y_i, sigmoid(x_i . w)) + 1/2 sum_j penalty_j w_j^2 (x: rows x
+    features; a column of ones with penalty 0 is an unpenalised intercept), by Newton's
+    method from w = 0, halving any step that does not lower the objective."""
+    x, y, penalty = x.double(), y.double(), penalty.double()
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        z = x @ w
+        return (F.softplus(z) - y * z).sum() + 0.5 * (penalty * w * w).sum()
+
+    w = torch.zeros(x.shape[1], dtype=torch.double)
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ w)
+        gradient = x.T @ (p - y) + penalty * w
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + torch.diag(penalty)
+        step = torch.linalg.solve(hessian, gradient)
+        before, size = objective(w), 1.0
+        while objective(w - size * step) > before and size > 1e-12:
+            size /= 2
+        w = w - size * step
+        if (size * step).abs().max() < 1e-10:
+            break
+    return w
+
+
+def fit_slope(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> float:
+    """w of P(y=1) = sigmoid(w x): fit_logistic on the one column x, with a small L2 penalty
     (separable held-out sets would otherwise diverge). No intercept: with x the
     pair score centred at 1/2, swapping A and B flips x and the probability,
     so an intercept could only learn a position bias from a few held-out pairs."""
-    x, y = x.double(), y.double()
-    w = torch.zeros((), dtype=torch.double)
-    for _ in range(iterations):
-        p = torch.sigmoid(w * x)
-        step = ((x * (p - y)).sum() + l2 * w) / ((x * x * p * (1 - p)).sum() + l2)
-        w = w - step
-        if step.abs() < 1e-10:
-            break
-    return float(w)
+    return float(fit_logistic(x[:, None], y, torch.tensor([l2]))[0])
 
 
 def held_out_mask(pairs: list[dict], fraction: float, seed: int) -> torch.Tensor:

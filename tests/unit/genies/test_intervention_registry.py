@@ -17,14 +17,27 @@ from alignflow.genies.stages import InterventionSpec, intervention_specs
 
 
 def test_each_builtin_names_the_module_that_implements_it():
-    assert BUILTIN == ("dpo", "few_shot", "lora_reward_model", "mass_mean_shift", "zero_shot")
+    assert BUILTIN == (
+        "ccs",
+        "cra",
+        "dpo",
+        "few_shot",
+        "lat_stim_1",
+        "lat_stim_2",
+        "lora_fine_tune",
+        "lora_reward_model",
+        "mass_mean_shift",
+        "mms",
+        "prompt_tuning",
+        "zero_shot",
+    )
     assert intervention_module("dpo") == "alignflow.genies.interventions.dpo"
     assert (
         intervention_module("few_shot")
         == intervention_module("zero_shot")
         == "alignflow.genies.interventions.zero_shot"
     )
-    with pytest.raises(ValueError, match="unknown intervention 'nope'; built in: dpo, few_shot"):
+    with pytest.raises(ValueError, match="unknown intervention 'nope'; built in: ccs, cra, dpo, few_shot"):
         intervention_module("nope")
 
 
@@ -51,7 +64,7 @@ def test_the_yaml_shape_loads_and_round_trips():
         ("few_shot.z=1", "unknown key 'few_shot.z'; valid keys here: k, max_prefix_tokens, seed"),
         (
             "fewshot.k=1",
-            "unknown key 'fewshot'; valid keys here: ceiling, data_dir, dpo, executor, external, few_shot,",
+            "unknown key 'fewshot'; valid keys here: ccs, ceiling, cra, data_dir, dpo, executor, external, few_shot,",
         ),
     ],
 )
@@ -63,7 +76,7 @@ def test_bad_sections_name_the_field(override, message):
 
 def test_an_unknown_intervention_lists_the_valid_ones():
     config = load_config(GeniesConfig, None, ["interventions=[few_shot, nope]"])
-    with pytest.raises(ValueError, match=r"interventions: unknown \['nope'\]; built in: dpo, few_shot, "):
+    with pytest.raises(ValueError, match=r"interventions: unknown \['nope'\]; built in: ccs, cra, dpo, few_shot, "):
         intervention_specs(config)
 
 
