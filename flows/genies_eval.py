@@ -64,6 +64,17 @@ def model_name(config: GeniesConfig) -> str:
     return Path(config.model).name
 
 
+def records_dropped(store, pairs: list) -> dict[str, int]:
+    """'distribution/split' -> records dropped for exceeding scoring.max_tokens, where any were."""
+    dropped = {}
+    for ref in pairs:
+        manifest = store.manifest(ref.stage, ref.key)
+        if manifest["metrics"]["records_too_long"]:
+            spec = manifest["config"]
+            dropped[f"{spec['distribution']}/{spec['split']}"] = manifest["metrics"]["records_too_long"]
+    return dropped
+
+
 def shift_set_name(shifts: str) -> str:
     """What GENIES calls the metrics table of a shift set: GENIES, or the spec file's stem (all, ...)."""
     return "GENIES" if shifts == "builtin:genies" else Path(shifts).stem
@@ -128,6 +139,9 @@ def genies_eval(config: GeniesConfig = GeniesConfig()) -> dict:
     report_dir = store.local_dir(report, "report", Path(ctx.model_cache) / "artifacts")
     results_dir = config.results_dir or str(root / "results")
     export_results(report_dir / "results", results_dir, report_spec.model, measured_at(store, evaluations))
-    summary = genies_summary(store, report, report_dir) | {"results_dir": results_dir}
+    summary = genies_summary(store, report, report_dir) | {
+        "results_dir": results_dir,
+        "records_too_long": records_dropped(store, [*train_pairs.values(), *test_pairs.values()]),
+    }
     publish_genies(summary)
     return summary

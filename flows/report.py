@@ -156,6 +156,13 @@ def genies_markdown(summary: dict) -> str:
         for name, value in summary["means"].items()
         if name.startswith("mean_de_")
     ]
+    dropped = summary.get("records_too_long") or {}
+    lines += ["", f"results tree: `{summary['results_dir']}`" if "results_dir" in summary else ""]
+    if dropped:
+        lines.append(
+            "records dropped for exceeding scoring.max_tokens (as GENIES drops them): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
+        )
     return "\n".join(lines) + "\n"
 
 
