@@ -267,7 +267,7 @@ class GeniesConfig(RunConfig):
     )
     shifts: str = Field("builtin:genies", description="builtin:genies or a shift spec JSON file")
     limit_shifts: int | None = Field(None, ge=1)
-    interventions: list[str] = ["zero_shot", "few_shot", "mass_mean_shift", "dpo"]
+    interventions: list[str] = ["zero_shot", "few_shot", "lora_fine_tune", "mms", "dpo"]
     external: dict[str, str] = Field(
         default_factory=dict, description="name -> folder with train.py/eval.py (the public script contract)"
     )

@@ -50,7 +50,7 @@ def test_sections_take_the_defaults_of_the_class_beside_the_intervention():
 
 def test_the_yaml_shape_loads_and_round_trips():
     config = load_config(GeniesConfig, Path(__file__).resolve().parents[3] / "configs" / "genies_cpu.yaml")
-    assert config.few_shot.max_prefix_tokens == 768
+    assert config.few_shot.max_prefix_tokens == 1024 and config.lora_fine_tune.steps == 6
     assert GeniesConfig.model_validate(config.model_dump(mode="json")) == config
     specs = {s.name: s for s in intervention_specs(config)}
     assert specs["dpo"].params == config.dpo.model_dump(mode="json")
