@@ -58,12 +58,12 @@ def run_genies_in_home(tiny_model_dir: Path, genies_data_dir: Path, root: Path) 
             "model": str(root / "models" / "tiny-llama"),
             "data_dir": str(root / "genies"),
             "shifts": str(root / "shifts.json"),
-            "interventions": ["mass_mean_shift", "lora_reward_model"],
+            "interventions": ["mms", "lora_fine_tune"],
             "max_train_pairs": 6,
             "max_eval_pairs": 6,
             "paths": {"home": str(root / "home")},
             "scoring": {"max_tokens": 128},
-            "lora_reward_model": {"steps": 4, "batch_size": 2, "lora": {"r": 4}},
+            "lora_fine_tune": {"steps": 4, "batch_size": 2, "lora": {"r": 4}},
         }
     )
     genies_eval(config=config)

@@ -52,7 +52,7 @@ def _genies_config(tiny_model_dir, data_dir, home: Path, **extra) -> GeniesConfi
             "interventions": ["few_shot"],
             "max_train_pairs": 4,
             "max_eval_pairs": 4,
-            "scoring": {"max_tokens": 96},
+            "scoring": {"max_tokens": 512},  # the tiny BPE spends many tokens per word
             "paths": {"home": str(home)},
             **extra,
         }
