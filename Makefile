@@ -35,10 +35,15 @@ $(VLLM_STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/alignflow run self-improve --config configs/demo.yaml
 
-# VLLM_CPU_KVCACHE_SPACE: the KV cache in GiB; without it vLLM's CPU engine
-# refuses to start unless 92% of memory is free.
-test: lint $(VLLM_STAMP)
-	$(PY) -m pytest tests -q -m "not vllm" --durations=15
+# The vLLM venv builds in the background while the main suite runs (pip waits on the
+# network and disk, the tests on the CPU); it starts after the main venv because both
+# write the project's egg-info. VLLM_CPU_KVCACHE_SPACE: the KV cache in GiB; without it
+# vLLM's CPU engine refuses to start unless 92% of memory is free.
+test: lint
+	@$(MAKE) --no-print-directory $(VLLM_STAMP) > $(VLLM_VENV).log 2>&1 & vllm_venv=$$!; \
+	status=0; $(PY) -m pytest tests -q -m "not vllm" --durations=15 || status=$$?; \
+	wait $$vllm_venv || { echo "building $(VLLM_VENV) failed; the end of $(VLLM_VENV).log:"; tail -30 $(VLLM_VENV).log; exit 1; }; \
+	[ $$status -eq 0 ] || exit $$status; \
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VLLM_PY) -m pytest tests -q -m vllm
 
 # ruff (lint and format) and mypy: CI fails on them like on a test
