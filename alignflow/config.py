@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from alignflow.storage.s3 import masked_credentials, secret_option_names
@@ -134,23 +134,62 @@ class SampleConfig(Strict):
 
 class JudgeConfig(Strict):
     mode: Literal["base", "refeval", "refmatch"] = "refeval"
-    model: str | None = Field(None, description="judge model; default: the policy being trained")
+    template: str | None = Field(
+        None,
+        description="a ChatML judge prompt file with {INSTRUCTION}, {OUTPUT_1}, {OUTPUT_2} and optionally "
+        "{REFERENCE} in its user turn (upstream RefEval's prompts/ format); replaces mode's built-in template",
+    )
+    template_sha256: str | None = Field(
+        None, description="filled in from the template file when the config is read: an edited file is a new input"
+    )
+    model: str = Field(
+        "initial",
+        description="initial: the model the run starts from, every round; policy: the policy being trained "
+        "(it drifts round by round); or any HF model directory or built-in model name",
+    )
     max_new_tokens: int = Field(16, ge=1)
     top_logprobs: int = Field(5, ge=2)
     answer_prefix: str = Field(
         "Output (", description="written at the start of the judge's answer so its first token is the label"
     )
-    max_prompt_tokens: int = Field(2048, ge=64)
+    max_prompt_tokens: int = Field(
+        8000,
+        ge=64,
+        description="judge prompt budget: longer outputs are cut (each keeps its head); a comparison whose "
+        "rules, instruction and reference leave no room for them is dropped and counted",
+    )
     batch_size: int = Field(8, ge=1)
     dtype: Dtype = "auto"
     shard_size: int = Field(32, ge=1, description="prompts (with all their comparisons) per shard")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fingerprint_template(cls, data):
+        # the stage key follows the template's content, not only its name: any value given is recomputed
+        if not isinstance(data, dict):
+            return data
+        return {**data, "template_sha256": cls._template_sha256(data.get("template"))}
+
+    @staticmethod
+    def _template_sha256(template: str | None) -> str | None:
+        if not template:
+            return None
+        import hashlib
+
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise ValueError(f"judge.template: {path}: file not found (expected a ChatML judge prompt file)")
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
 
 class PairsConfig(Strict):
     max_response_tokens: int = Field(2048, ge=1)
     min_margin: float = Field(0.0, ge=0.0)
+    keep_unfinished: bool = Field(
+        False, description="also pair candidates cut off at sample.max_new_tokens (by default they are no answers)"
+    )
 
 
 class LogprobsConfig(Strict):
@@ -207,6 +246,29 @@ class DPOConfig(TrainConfig):
     beta: float = Field(0.1, gt=0.0)
 
 
+class DPOSweepConfig(DPOConfig):
+    """DPO in the self-improve flow: ``beta`` may be a list (a sweep, as RefEval's paper runs), one
+    cached training per value; the one with the lowest validation loss goes on."""
+
+    beta: PositiveFloat | list[PositiveFloat] = Field(
+        0.1, description="one value, or a list such as [0.005, 0.01, 0.02, 0.05, 0.2] to sweep"
+    )
+
+    @field_validator("beta")
+    @classmethod
+    def _distinct_betas(cls, beta):
+        if isinstance(beta, list) and (not beta or len(set(beta)) != len(beta)):
+            raise ValueError("expected one beta or a non-empty list of distinct betas")
+        return beta
+
+    def betas(self) -> list[float]:
+        return self.beta if isinstance(self.beta, list) else [self.beta]
+
+    def trainings(self) -> list[DPOConfig]:
+        """One train_dpo config per beta."""
+        return [DPOConfig.model_validate({**self.model_dump(), "beta": beta}) for beta in self.betas()]
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="join this cluster; default: start a local one")
     replicas: int = Field(2, ge=1, description="model replicas; concurrent stages each borrow one")
@@ -229,17 +291,105 @@ class RunConfig(Strict):
     storage: Storage = Storage()
 
 
+class ReferenceSFTConfig(TrainConfig):
+    """SFT on (instruction, reference) before the first round (RefEval's mle.py): the token-mean
+    NLL of each reference as the reply to its instruction, the prompt masked."""
+
+    enabled: bool = Field(
+        False, description="round 1 then samples from, trains, and takes its DPO reference from the SFT model"
+    )
+    lr: float = Field(1e-4, gt=0.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="unused when validation_prompts are given")
+    max_prompt_tokens: int = Field(1024, ge=16)
+    max_reference_tokens: int = Field(
+        2048, ge=2, description="longer references are left out of SFT (upstream filters by length)"
+    )
+
+
 class SelfImproveConfig(RunConfig):
-    """The RefEval flow: sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
+    """The RefEval flow: [sft ->] sample -> judge -> pairs -> logprobs -> train_dpo, ``rounds`` times."""
 
     prompts: str = Field("builtin:demo", description="builtin:demo, or a .jsonl / .parquet file")
     limit_prompts: int | None = Field(None, ge=2)
+    validation_prompts: str | None = Field(
+        None,
+        description="held-out instructions with references (a file, or a builtin: set), sampled, judged and "
+        "paired like the training prompts each round; their pairs pick DPO's best checkpoint (and beta) "
+        "instead of dpo.val_fraction of the training prompts, and their references validate sft",
+    )
+    limit_validation_prompts: int | None = Field(None, ge=1)
     rounds: int = Field(1, ge=1)
+    sft: ReferenceSFTConfig = ReferenceSFTConfig()
     sample: SampleConfig = SampleConfig()
     judge: JudgeConfig = JudgeConfig()
     pairs: PairsConfig = PairsConfig()
     logprobs: LogprobsConfig = LogprobsConfig()
-    dpo: DPOConfig = DPOConfig()
+    dpo: DPOSweepConfig = DPOSweepConfig()
+
+    @model_validator(mode="after")
+    def _sweep_needs_validation(self):
+        if len(self.dpo.betas()) > 1 and self.validation_prompts is None and self.dpo.val_fraction == 0:
+            raise ValueError(
+                "dpo.beta lists several values but nothing validates them: set validation_prompts "
+                "or dpo.val_fraction > 0 (the sweep keeps the beta with the lowest validation loss)"
+            )
+        return self
+
+
+class WinRateConfig(Strict):
+    """How refeval-eval turns judgments into a win rate (tasks/win_rate.py)."""
+
+    tie_margin: float = Field(
+        0.0, ge=0.0, lt=0.5, description="an order whose p(policy better) is within this of 0.5 picks no side"
+    )
+    bootstrap_resamples: int = Field(1000, ge=10, description="resamples of the instructions for the CI")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 0
+    policy_generator: str | None = Field(
+        None, description="the policy's `generator` in the AlpacaEval export; default: the end of `policy`"
+    )
+    initial_generator: str | None = Field(
+        None, description="the initial model's `generator` in the AlpacaEval export; default: the end of `model`"
+    )
+
+
+EVAL_SAMPLING = {"n": 1, "temperature": 0.0, "max_new_tokens": 256}  # refeval-eval: one greedy answer each
+
+
+class RefEvalEvalConfig(RunConfig):
+    """The refeval-eval flow: the trained ``policy`` and the initial ``model`` (which may also name a
+    trained artifact, as ``policy`` does) each answer held-out instructions; a judge (``judge.model``:
+    default the initial model, or ``policy``, or a model path) compares the two answers against the
+    reference in both orders; win rate and exports."""
+
+    policy: str | None = Field(
+        None,
+        description="the trained policy: artifact:KEY (a train_dpo artifact's key or a unique prefix), "
+        "that artifact's URI, a HF model directory or a built-in name",
+    )
+    prompts: str = Field(
+        "builtin:heldout",
+        description="held-out instructions with references, not the training prompts: builtin:heldout, "
+        "or a .jsonl / .parquet / AlpacaEval .json file",
+    )
+    limit_prompts: int | None = Field(None, ge=2)
+    sample: SampleConfig = SampleConfig(**EVAL_SAMPLING)
+    judge: JudgeConfig = JudgeConfig()
+    win_rate: WinRateConfig = WinRateConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_sampling_defaults(cls, data):
+        # a partial sample section (sample.max_new_tokens=64) keeps one greedy answer, not SampleConfig's defaults
+        if isinstance(data, dict) and isinstance(data.get("sample"), dict):
+            data = {**data, "sample": {**EVAL_SAMPLING, **data["sample"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_answer_each(self):
+        if self.sample.n != 1:
+            raise ValueError("sample.n must be 1 in refeval-eval: each model gives one answer per instruction")
+        return self
 
 
 class GeniesScoringConfig(Strict):
@@ -440,6 +590,7 @@ FLOW_CONFIGS: dict[str, type[Strict]] = {
     "genies-eval": GeniesConfig,
     "gem": GemConfig,
     "pipeline": PipelineConfig,
+    "refeval-eval": RefEvalEvalConfig,
 }
 
 

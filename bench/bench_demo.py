@@ -142,7 +142,8 @@ def main(argv=None) -> int:
 
     # -- setup: model conversion / content hash, outside the timed flow ------------------
     setup = []
-    for name in dict.fromkeys(m for m in (config.model, config.judge.model) if m):
+    judge_model = config.judge.model if config.judge.model not in ("initial", "policy") else None  # roles, not models
+    for name in dict.fromkeys(m for m in (config.model, judge_model) if m):
         converts = name in BUILTIN_MODELS and not (Path(paths.model_cache) / name / FINGERPRINT).exists()
         t = time.perf_counter()
         base_model_ref(name, paths.model_cache)

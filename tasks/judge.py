@@ -1,4 +1,5 @@
-"""judge: the policy compares every ordered pair of a prompt's candidates.
+"""judge: the judge model (by default the initial one) compares every ordered pair of a prompt's
+candidates, prompted as tasks/judge_prompt.py renders it.
 
 The verdict is soft: at the generated position that carries the label, the
 log-probs of "a" and "b" among the top-k give p(a) = e^la / (e^la + e^lb). Only
@@ -17,43 +18,13 @@ import pyarrow as pa
 
 from alignflow.config import JudgeConfig
 from alignflow.storage.artifacts import ArtifactRef, ArtifactStore
+from alignflow.tasks.judge_prompt import JudgePrompts, judge_template, template_name
 from alignflow.tasks.pairs import group_by_prompt, unique_candidates
 from alignflow.tasks.stage import RunContext, Shards, Stage, stage_task
 from alignflow.tasks.stage_report import EXAMPLES, examples_markdown
-from alignflow.workers.backend import GenerationParams, regroup, shared_backend
-from alignflow.workers.chat import fit_prompt
+from alignflow.workers.backend import GenerationParams, shared_backend
 
-_RULES = (
-    "Decide which of the two outputs below better answers the instruction.\n"
-    "Criteria: it follows the instruction precisely; it is factually correct; it is concise "
-    "unless the instruction asks for detail. The order in which the outputs appear must not "
-    "influence your decision.\n"
-)
-_REFERENCE_RULES = (
-    "A correct Reference Output is given. Check the facts of each output against it, prefer "
-    "the output whose content is closer to it, and penalise content that goes beyond it.\n"
-)
-_MATCH_RULES = (
-    "Decide which of the two outputs below is closer in substance to the Reference Output. "
-    "Compare meaning, not wording: shared words or phrasing do not count, and content beyond "
-    "the reference is penalised. The order of the outputs must not influence your decision.\n"
-)
-_ANSWER = 'Answer with exactly "Output (a)" or "Output (b)" and nothing else.'
-
-_INSTRUCTION = "\n# Instruction:\n{instruction}\n\n"
-_REFERENCE = "# Reference Output:\n{reference}\n\n"
-_OUTPUTS = "# Output (a):\n{a}\n\n# Output (b):\n{b}\n\n" + _ANSWER
-
-TEMPLATES = {
-    "base": _RULES + _INSTRUCTION + _OUTPUTS,
-    "refeval": _RULES + _REFERENCE_RULES + _INSTRUCTION + _REFERENCE + _OUTPUTS,
-    "refmatch": _MATCH_RULES + _INSTRUCTION + _REFERENCE + _OUTPUTS,
-}
 _LABEL_CONTEXT = re.compile(r"output\s*\(\s*$", re.IGNORECASE)
-
-
-def judge_prompt(mode: str, instruction: str, reference: str, a: str, b: str) -> str:
-    return TEMPLATES[mode].format(instruction=instruction, reference=reference, a=a, b=b)
 
 
 def label_position(generated_ids: list[int], decode, prefix_given: bool) -> int | None:
@@ -100,60 +71,83 @@ def judge_candidates(
     backend, rows: list[dict], config: JudgeConfig, progress=None, reuse_prefix: bool = True
 ) -> tuple[list[dict], dict]:
     """Every ordered comparison of each prompt's candidates. ``reuse_prefix=False`` runs each
-    comparison's whole prompt (bench/bench_judge.py measures the two ways side by side)."""
+    comparison's whole prompt (bench/bench_judge.py measures the two ways side by side). A
+    comparison whose prompt cannot fit is not run: its row says ``dropped``."""
     tok = backend.tokenizer
-    groups = [pairs for pairs in map(ordered_pairs, _grouped_unique(rows)) if pairs]
-    comparisons = [pair for pairs in groups for pair in pairs]
-    prefix_ids = tok(config.answer_prefix, add_special_tokens=False)["input_ids"] if config.answer_prefix else []
-    prompts, truncated = [], []
-    for a, b in comparisons:
-        text = judge_prompt(config.mode, a["prompt"], a["reference"], a["response"], b["response"])
-        _, ids, cut = fit_prompt(tok, text, config.max_prompt_tokens - len(prefix_ids))
-        prompts.append(ids + prefix_ids)
-        truncated.append(cut)
+    build = JudgePrompts(tok, judge_template(config), config.max_prompt_tokens, config.answer_prefix)
+    groups = [
+        [(a, b, *build(a["prompt"], a["reference"], a["response"], b["response"])) for a, b in pairs]
+        for pairs in map(ordered_pairs, _grouped_unique(rows))
+        if pairs
+    ]
+    runnable = [[c[2] for c in group if c[2] is not None] for group in groups]
+    dropped = sum(len(g) for g in groups) - sum(map(len, runnable))
+    if progress and dropped:
+        progress(dropped)
     started = time.perf_counter()
-    if prefix_ids and reuse_prefix:  # the label is the first generated token: one forward pass after a shared prefix
-        outputs = [
-            c
-            for group in backend.next_token(regroup(prompts, map(len, groups)), config.top_logprobs, progress)
-            for c in group
-        ]
-    else:
-        params = GenerationParams(
-            temperature=0.0, max_new_tokens=1 if prefix_ids else config.max_new_tokens, top_logprobs=config.top_logprobs
-        )
-        outputs = [c[0] for c in backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)]
+    outputs = iter(_next_label_tokens(backend, [g for g in runnable if g], config, progress, reuse_prefix))
     seconds = time.perf_counter() - started
     out = [
-        _judgment(a, b, c, tok.decode, bool(prefix_ids), config) | {"prompt_tokens": len(p), "prompt_truncated": cut}
-        for (a, b), c, p, cut in zip(comparisons, outputs, prompts, truncated)
+        _dropped(a, b, config) if ids is None else _judgment(a, b, ids, cut, next(outputs), tok.decode, config)
+        for group in groups
+        for a, b, ids, cut in group
     ]
     return out, judge_metrics(out, seconds)
+
+
+def _next_label_tokens(backend, groups: list[list[list[int]]], config: JudgeConfig, progress, reuse_prefix: bool):
+    """The judge's completion of every prompt, in order. With the answer prefix in the prompt the label
+    is the first generated token: one forward pass per prompt, after its group's shared prefix."""
+    if config.answer_prefix and reuse_prefix:
+        return [c for group in backend.next_token(groups, config.top_logprobs, progress) for c in group]
+    prompts = [p for group in groups for p in group]
+    params = GenerationParams(
+        temperature=0.0,
+        max_new_tokens=1 if config.answer_prefix else config.max_new_tokens,
+        top_logprobs=config.top_logprobs,
+    )
+    return [c[0] for c in backend.generate(prompts, params, seeds=[0] * len(prompts), progress=progress)]
 
 
 def judge_metrics(out: list[dict], seconds: float) -> dict:
     prompt_tokens = sum(r["prompt_tokens"] for r in out)
     return {
         "rows_out": len(out),
-        "unparsed": sum(not r["parsed"] for r in out),
-        "truncated_prompts": sum(r["prompt_truncated"] for r in out),
+        "unparsed": sum(not r["parsed"] and not r["dropped"] for r in out),
+        "outputs_cut": sum(r["outputs_cut"] for r in out),
+        "dropped_too_long": sum(r["dropped"] for r in out),
         "prompt_tokens": prompt_tokens,
         "tokens_per_s": round(prompt_tokens / max(seconds, 1e-9), 1),
         **agreement_metrics(out),
     }
 
 
-def _judgment(a: dict, b: dict, completion, decode, prefix_given: bool, config: JudgeConfig) -> dict:
+def _dropped(a: dict, b: dict, config: JudgeConfig) -> dict:
+    """A comparison whose prompt could not fit: never run, recorded unparsed at p(a) = 0.5."""
+    return _verdict(a, b, 0.5, False, "", config) | {"prompt_tokens": 0, "outputs_cut": False, "dropped": True}
+
+
+def _judgment(a: dict, b: dict, ids: list[int], cut: bool, completion, decode, config: JudgeConfig) -> dict:
+    prefix_given = bool(config.answer_prefix)
     position = label_position(completion.token_ids, decode, prefix_given)
     p_a, parsed = (0.5, False) if position is None else soft_verdict(completion.top_logprobs[position], decode)
+    judge_text = (config.answer_prefix if prefix_given else "") + completion.text
+    return _verdict(a, b, p_a, parsed, judge_text, config) | {
+        "prompt_tokens": len(ids),
+        "outputs_cut": cut,
+        "dropped": False,
+    }
+
+
+def _verdict(a: dict, b: dict, p_a: float, parsed: bool, judge_text: str, config: JudgeConfig) -> dict:
     return {
         "prompt_id": a["prompt_id"],
         "a": a["candidate"],
         "b": b["candidate"],
         "p_a": p_a,
         "parsed": parsed,
-        "mode": config.mode,
-        "judge_text": (config.answer_prefix if prefix_given else "") + completion.text,
+        "mode": template_name(config),
+        "judge_text": judge_text,
         "reference_f1_a": token_f1(a["response"], a["reference"]),
         "reference_f1_b": token_f1(b["response"], b["reference"]),
     }
@@ -253,7 +247,8 @@ JUDGMENT_ROWS = pa.schema(
         ("reference_f1_a", pa.float64()),
         ("reference_f1_b", pa.float64()),
         ("prompt_tokens", pa.int64()),
-        ("prompt_truncated", pa.bool_()),
+        ("outputs_cut", pa.bool_()),
+        ("dropped", pa.bool_()),
     ]
 )
 JUDGE = Stage(

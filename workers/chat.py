@@ -3,6 +3,13 @@ log-probs and training all see the same prompt tokens."""
 
 from __future__ import annotations
 
+import re
+
+# Stands in for user text while a chat template renders: a private-use character no template writes
+_SLOT = "\ue000{}\ue000"
+_SLOT_SPLIT = re.compile("\ue000([A-Za-z0-9_]+)\ue000")
+_TURN_START, _TURN_END = "<|im_start|>", "<|im_end|>"
+
 
 def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
@@ -11,6 +18,47 @@ def _ids(encoded) -> list[int]:
 def prompt_ids(tokenizer, content: str) -> list[int]:
     """The user turn plus the assistant header (generation prompt)."""
     return _ids(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+
+
+def slot(name: str) -> str:
+    """Where user text named ``name`` goes in a message given to ``slotted_prompt_pieces``."""
+    return _SLOT.format(name)
+
+
+def slotted_prompt_pieces(tokenizer, messages: list[dict]) -> list[list[int] | str]:
+    """The chat template's rendering of ``messages`` plus the assistant header, cut at each
+    ``slot(name)``: the fixed pieces as token ids (special tokens recognised: the template put them
+    there) alternating with the slot names, in order. ``fill_slots`` puts user text in."""
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = _SLOT_SPLIT.split(rendered)
+    return [part if i % 2 else _ids(tokenizer(part, add_special_tokens=False)) for i, part in enumerate(parts)]
+
+
+def user_text_ids(tokenizer, text: str) -> list[int]:
+    """Tokens of user text: a special-token string in it (a forged <|im_end|>) stays plain text."""
+    return _ids(tokenizer(text, add_special_tokens=False, split_special_tokens=True))
+
+
+def fill_slots(pieces: list[list[int] | str], slot_ids: dict[str, list[int]]) -> list[int]:
+    return [t for piece in pieces for t in (slot_ids[piece] if isinstance(piece, str) else piece)]
+
+
+def chatml_turns(text: str, source: str) -> list[dict]:
+    """The turns of a ChatML text (``<|im_start|>ROLE`` on its own line, the content, ``<|im_end|>``)
+    as chat messages, contents stripped. A turn may also end where the next one starts."""
+    head, *turns = text.strip().split(_TURN_START)
+    if head.strip() or not turns:
+        raise ValueError(f"{source}: expected ChatML: turns that each begin with {_TURN_START}ROLE on its own line")
+    messages = []
+    for number, turn in enumerate(turns, 1):
+        role, newline, rest = turn.partition("\n")
+        content, _, after = rest.partition(_TURN_END)
+        if not newline or not role.strip():
+            raise ValueError(f"{source}: turn {number}: expected a role (system, user) after {_TURN_START}")
+        if after.strip():
+            raise ValueError(f"{source}: turn {number}: text after {_TURN_END} belongs to no turn")
+        messages.append({"role": role.strip(), "content": content.strip()})
+    return messages
 
 
 def fit_prompt(tokenizer, content: str, max_tokens: int) -> tuple[str, list[int], bool]:
