@@ -2,7 +2,8 @@
 
 s_i = mean soft win probability of candidate i over all its comparisons, in both
 positions. Ties break by candidate index: among equal scores the lower index is
-picked, as best and as worst alike, so pairs are deterministic.
+picked, as best and as worst alike, so pairs are deterministic. A candidate cut
+off at ``max_new_tokens`` is no answer: it is left out unless ``keep_unfinished``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def unique_candidates(candidates: list[dict]) -> list[dict]:
 
 
 def candidate_scores(judgments: list[dict]) -> dict[tuple[str, int], float]:
-    """Mean win probability per (prompt_id, candidate): p_a as (a), 1 - p_a as (b)."""
+    """Mean win probability per (prompt_id, candidate): p_a as (a), 1 - p_a as (b). A comparison
+    dropped for not fitting the judge's budget says nothing, so it is not a tie either."""
     wins: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for j in judgments:
+    for j in (j for j in judgments if not j.get("dropped")):
         wins[(j["prompt_id"], j["a"])].append(j["p_a"])
         wins[(j["prompt_id"], j["b"])].append(1.0 - j["p_a"])
     return {k: sum(v) / len(v) for k, v in wins.items()}
@@ -56,15 +58,29 @@ def choose_pair(scored: list[tuple[int, float]], min_margin: float) -> tuple[int
     return best[0], worst[0]
 
 
+def finished(candidate: dict) -> bool:
+    """Ended on an end-of-turn token, not cut off at ``max_new_tokens``."""
+    return candidate["finish_reason"] == "stop"
+
+
+def answers(group: list[dict], scores: dict, config: PairsConfig) -> list[dict]:
+    """A prompt's candidates that may be paired: finished (unless kept anyway), scored, not too
+    long, one per distinct text (deduped after the filter, so a finished twin of a dropped one stays)."""
+    eligible = [
+        c
+        for c in group
+        if (config.keep_unfinished or finished(c))
+        and len(c["token_ids"]) <= config.max_response_tokens
+        and (c["prompt_id"], c["candidate"]) in scores
+    ]
+    return unique_candidates(eligible)
+
+
 def build_pairs(candidates: list[dict], judgments: list[dict], config: PairsConfig) -> tuple[list[dict], dict]:
     scores = candidate_scores(judgments)
     pairs, skipped = [], Counter()
     for prompt_id, group in group_by_prompt(candidates).items():
-        kept = [
-            c
-            for c in unique_candidates(group)
-            if len(c["token_ids"]) <= config.max_response_tokens and (prompt_id, c["candidate"]) in scores
-        ]
+        kept = answers(group, scores, config)
         choice = choose_pair([(c["candidate"], scores[(prompt_id, c["candidate"])]) for c in kept], config.min_margin)
         if isinstance(choice, str):
             skipped[choice] += 1
@@ -84,7 +100,11 @@ def build_pairs(candidates: list[dict], judgments: list[dict], config: PairsConf
                 "rejected_score": scores[(prompt_id, rejected["candidate"])],
             }
         )
-    metrics = {"rows_out": len(pairs), **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
+    metrics = {
+        "rows_out": len(pairs),
+        "unfinished_candidates": sum(not finished(c) for c in candidates),
+        **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
+    }
     if pairs:
         metrics["mean_margin"] = round(sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs), 4)
     return pairs, metrics

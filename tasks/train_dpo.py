@@ -59,10 +59,26 @@ def summarize(losses, chosen_rewards, rejected_rewards) -> dict:
     }
 
 
-def compute_train_dpo(ctx: RunContext, config: DPOConfig, key: str, policy: ArtifactRef, pairs: ArtifactRef):
-    rows = ctx.store().read_rows(pairs)
+def compute_train_dpo(
+    ctx: RunContext,
+    config: DPOConfig,
+    key: str,
+    policy: ArtifactRef,
+    pairs: ArtifactRef,
+    validation: ArtifactRef | None = None,
+):
+    """``validation``: pairs of held-out prompts (with reference log-probs) that pick the best
+    checkpoint; without them ``config.val_fraction`` of the prompts' pairs are held out."""
+    store = ctx.store()
     return fit(
-        ctx, "train_dpo", key, policy, rows, config, lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id)
+        ctx,
+        "train_dpo",
+        key,
+        policy,
+        store.read_rows(pairs),
+        config,
+        lambda tokenizer: dpo_objective(config, tokenizer.pad_token_id),
+        val_rows=store.read_rows(validation) if validation else None,
     )
 
 

@@ -497,14 +497,19 @@ def fit(
     config: TrainConfig,
     objective_for: Callable[..., Objective],
     prepare: Callable[..., list[dict]] | None = None,
+    val_rows: list[dict] | None = None,
 ) -> StageOutput:
     """A training stage end to end: ``prepare(model, tokenizer, rows)`` (tokenise,
     reference numbers) while the model is still the starting policy, split, measure
     before, train with checkpoints, measure after, save adapter + merged model.
     With a ZeRO strategy every rank runs it and rank 0's output comes back.
-    ``policy``: a model artifact, or a local model folder (the GENIES dpo intervention's base)."""
+    ``policy``: a model artifact, or a local model folder (the GENIES dpo intervention's base).
+    ``val_rows``: a validation set of its own (prepared as ``rows`` are), used instead of
+    splitting ``config.val_fraction`` off ``rows``."""
     model_dir = policy if isinstance(policy, Path) else ctx.model_dir(policy)
-    job = partial(fit_on_rank, ctx, stage, key, model_dir, model_name(policy), rows, config, objective_for, prepare)
+    job = partial(
+        fit_on_rank, ctx, stage, key, model_dir, model_name(policy), rows, config, objective_for, prepare, val_rows
+    )
     strategy = config.distributed.strategy
     if strategy == "none":
         return job()
@@ -525,6 +530,7 @@ def fit_on_rank(
     config: TrainConfig,
     objective_for: Callable[..., Objective],
     prepare: Callable[..., list[dict]] | None,
+    val_rows: list[dict] | None = None,
 ) -> StageOutput | None:
     """``fit`` in this process: the only one, or one rank of a distributed job, where
     only rank 0 measures and saves (the others return None)."""
@@ -534,7 +540,11 @@ def fit_on_rank(
         with torch.inference_mode():
             model.eval()
             rows = prepare(model, tokenizer, rows)
-    train_rows, val_rows = split_rows(rows, config.val_fraction, config.seed)
+            val_rows = None if val_rows is None else prepare(model, tokenizer, val_rows)
+    if val_rows is None:
+        train_rows, val_rows = split_rows(rows, config.val_fraction, config.seed)
+    else:
+        train_rows = rows
     objective = objective_for(tokenizer)
     eval_rows = val_rows or train_rows
     model.eval()

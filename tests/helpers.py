@@ -77,6 +77,8 @@ def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
         "sample": {"n": 3, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 8},
         # a random model rarely puts "a"/"b" in its top 5: score them over the whole vocabulary
         "judge": {"top_logprobs": 512, "batch_size": 8, "max_prompt_tokens": 1024},
+        # a random model almost never ends its turn within 8 tokens: pair its cut-off candidates anyway
+        "pairs": {"keep_unfinished": True},
         "dpo": {
             "epochs": 3,
             "batch_size": 2,

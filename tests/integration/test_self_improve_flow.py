@@ -155,3 +155,31 @@ def test_second_round_samples_from_the_first_rounds_model(tiny_model_dir, tmp_pa
     second_reference = store.manifest("logprobs", Path(summary["rounds"][1]["logprobs"]["uri"]).name)
     assert first_model in [p["key"] for p in second_sample["parents"]]
     assert first_model in [p["key"] for p in second_reference["parents"]]
+
+
+def test_sft_on_references_then_validation_pairs_pick_checkpoint_and_beta(tiny_model_dir, tmp_path):
+    from alignflow.tasks.prompts import prompt_file, read_prompt_rows
+
+    held_out = tmp_path / "validation.jsonl"  # demo instructions the first 6 (the training prompts) do not hold
+    rows = read_prompt_rows(prompt_file("builtin:demo"))[6:10]
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = {"enabled": True, "lr": 1e-3, "batch_size": 4, "lora": {"r": 4, "alpha": 8}}
+    data = tiny_config_data(
+        tiny_model_dir, tmp_path, sft=sft, validation_prompts=str(held_out), dpo__beta=[0.05, 0.5], dpo__epochs=1
+    )
+    summary, states = run_flow(SelfImproveConfig.model_validate(data))
+    [rnd] = summary["rounds"]
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    manifests = {name: store.manifest(*info["uri"].rstrip("/").split("/")[-2:]) for name, info in rnd.items()}
+
+    assert states["train_ref_sft"] == "Completed" and manifests["train_ref_sft"]["metrics"]["val_rows"] == 4
+    # the SFT model is round 1's policy, its DPO reference and (judge.model: initial) its judge
+    for stage in ("sample", "judge", "logprobs", "validation_sample"):
+        assert manifests["train_ref_sft"]["key"] in [p["key"] for p in manifests[stage]["parents"]], stage
+    runs = {name: manifests[name]["metrics"] for name in rnd if name.startswith("train_dpo beta=")}
+    assert set(runs) == {"train_dpo beta=0.05", "train_dpo beta=0.5"}
+    for metrics in runs.values():  # every training pair trains; the validation prompts' pairs validate
+        assert metrics["train_rows"] == rnd["pairs"]["rows_out"]
+        assert metrics["val_rows"] == rnd["validation_pairs"]["rows_out"] and metrics["eval_split"] == "val"
+    best = min(runs, key=lambda name: runs[name]["after_loss"])
+    assert rnd["train_dpo"]["uri"] == rnd[best]["uri"]

@@ -75,7 +75,7 @@ def test_choose_pair_fewer_than_two():
     assert choose_pair([(0, 0.9)], 0.0) == "fewer_than_2_candidates"
 
 
-def _row(pid, cand, response, n_tokens=3, prompt="Q"):
+def _row(pid, cand, response, n_tokens=3, prompt="Q", finish_reason="stop"):
     return {
         "prompt_id": pid,
         "prompt": prompt,
@@ -83,6 +83,7 @@ def _row(pid, cand, response, n_tokens=3, prompt="Q"):
         "candidate": cand,
         "response": response,
         "token_ids": list(range(n_tokens)),
+        "finish_reason": finish_reason,
     }
 
 
@@ -114,7 +115,7 @@ def test_build_pairs_hand_worked():
     assert (pair["chosen"], pair["rejected"]) == ("best", "worst")
     assert (pair["chosen_candidate"], pair["rejected_candidate"]) == (0, 1)
     assert pair["chosen_score"] == pytest.approx(0.75) and pair["rejected_score"] == pytest.approx(0.35)
-    assert metrics == {"rows_out": 1, "mean_margin": 0.4}
+    assert metrics == {"rows_out": 1, "unfinished_candidates": 0, "mean_margin": 0.4}
 
 
 def test_build_pairs_length_filter_drops_long_responses():
@@ -125,7 +126,7 @@ def test_build_pairs_length_filter_drops_long_responses():
     assert metrics["mean_margin"] == pytest.approx(0.35)
     # max 3: all three (10, 11 and 4 tokens) are too long, nothing left to pair
     pairs, metrics = build_pairs(cands, THREE, PairsConfig(max_response_tokens=3))
-    assert pairs == [] and metrics == {"rows_out": 0, "skipped_fewer_than_2_candidates": 1}
+    assert pairs == [] and metrics == {"rows_out": 0, "unfinished_candidates": 0, "skipped_fewer_than_2_candidates": 1}
 
 
 def test_build_pairs_skip_reasons_and_duplicate_text():
@@ -157,6 +158,7 @@ def test_build_pairs_skip_reasons_and_duplicate_text():
     assert [(p["prompt_id"], p["chosen"], p["rejected"]) for p in pairs] == [("s", "n", "m")]
     assert metrics == {
         "rows_out": 1,
+        "unfinished_candidates": 0,
         "skipped_all_scores_equal": 1,
         "skipped_below_min_margin": 1,
         "skipped_fewer_than_2_candidates": 1,
@@ -170,3 +172,40 @@ def test_build_pairs_ignores_candidates_without_judgments():
     pairs, _ = build_pairs(cands, judgments, PairsConfig())
     assert [(p["chosen_candidate"], p["rejected_candidate"]) for p in pairs] == [(0, 1)]
     assert pairs[0]["chosen_score"] == pytest.approx(0.75) and pairs[0]["rejected_score"] == pytest.approx(0.25)
+
+
+def test_unfinished_candidates_are_left_out_and_counted():
+    # the worst candidate (1) was cut off at max_new_tokens: 2 (score 0.40) becomes the rejected one
+    cands = [_row("p", 0, "best"), _row("p", 1, "worst", finish_reason="length"), _row("p", 2, "middle")]
+    pairs, metrics = build_pairs(cands, THREE, PairsConfig())
+    assert [(p["chosen_candidate"], p["rejected_candidate"]) for p in pairs] == [(0, 2)]
+    assert metrics == {"rows_out": 1, "unfinished_candidates": 1, "mean_margin": 0.35}
+    # kept on request: best (0.75) vs worst (0.35) as before the filter
+    pairs, metrics = build_pairs(cands, THREE, PairsConfig(keep_unfinished=True))
+    assert [(p["chosen_candidate"], p["rejected_candidate"]) for p in pairs] == [(0, 1)]
+    assert metrics["unfinished_candidates"] == 1
+
+
+def test_a_prompt_left_with_one_finished_candidate_is_skipped():
+    cands = [
+        _row("p", 0, "cut", finish_reason="length"),
+        _row("p", 1, "done"),
+        _row("p", 2, "cut too", 5, "Q", "length"),
+    ]
+    pairs, metrics = build_pairs(cands, THREE, PairsConfig())
+    assert pairs == [] and metrics == {"rows_out": 0, "unfinished_candidates": 2, "skipped_fewer_than_2_candidates": 1}
+
+
+def test_the_unfinished_filter_runs_before_the_dedupe():
+    # 0 and 1 share a text; 0 was cut off, so the finished 1 stands for that text
+    cands = [_row("p", 0, "same", finish_reason="length"), _row("p", 1, "same"), _row("p", 2, "other")]
+    pairs, _ = build_pairs(cands, THREE, PairsConfig())
+    assert [(p["chosen_candidate"], p["rejected_candidate"]) for p in pairs] == [(2, 1)]
+
+
+def test_a_dropped_comparison_is_not_counted_as_a_tie():
+    judged = [
+        {"prompt_id": "p", "a": 0, "b": 1, "p_a": 0.9, "dropped": False},
+        {"prompt_id": "p", "a": 1, "b": 0, "p_a": 0.5, "dropped": True},  # over the judge's budget: no verdict
+    ]
+    assert candidate_scores(judged) == {("p", 0): pytest.approx(0.9), ("p", 1): pytest.approx(0.1)}
