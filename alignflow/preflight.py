@@ -7,13 +7,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from alignflow.config import GemConfig, GeniesConfig, PipelineConfig, RunConfig, SelfImproveConfig
+from alignflow.config import GemConfig, GeniesConfig, PipelineConfig, RefEvalEvalConfig, RunConfig, SelfImproveConfig
 
 
 def check_self_improve(config: SelfImproveConfig) -> None:
     from alignflow.tasks.prompts import prompt_source, read_prompts
 
     read_prompts(prompt_source(config.prompts, config.limit_prompts))
+
+
+def check_refeval_eval(config: RefEvalEvalConfig) -> None:
+    """The held-out prompts, and that the policy is named (a model named by artifact key must match one artifact)."""
+    from alignflow.flows.refeval_eval import policy_spec, trained_model_key
+    from alignflow.tasks.prompts import prompt_source, read_prompts
+    from alignflow.tasks.stage import run_context
+
+    read_prompts(prompt_source(config.prompts, config.limit_prompts))
+    store = run_context(config).store()
+    for spec in (policy_spec(config), config.model):
+        key = trained_model_key(spec, store.root)
+        if key:
+            store.find(key)
 
 
 def check_gem(config: GemConfig) -> None:
@@ -53,6 +67,7 @@ CHECKS: dict[str, Callable] = {
     "gem": check_gem,
     "genies-eval": check_genies,
     "pipeline": check_pipeline,
+    "refeval-eval": check_refeval_eval,
 }
 
 

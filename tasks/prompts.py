@@ -1,5 +1,6 @@
 """Load instructions with reference answers: JSONL or Parquet with `prompt` and
-`reference` (optional `id`), or the built-in demo set."""
+`reference` (optional `id`), AlpacaEval JSON (`instruction`, `output` as the reference),
+or a built-in set: the demo's, or held-out instructions for evaluating a trained policy."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignflow.config import Strict
+from alignflow.tasks.alpaca_eval import read_alpaca_eval
 from alignflow.tasks.stage import Stage, StageOutput, stage_task
 
-BUILTIN = {"builtin:demo": "demo_prompts.jsonl"}
+BUILTIN = {"builtin:demo": "demo_prompts.jsonl", "builtin:heldout": "heldout_prompts.jsonl"}
 REQUIRED = ("prompt", "reference")
 
 
@@ -34,7 +36,7 @@ def prompt_source(spec: str, limit: int | None) -> PromptSource:
     path = prompt_file(spec)
     if not path.is_file():
         raise PromptFileError(
-            f"{spec}: prompts file not found (expected .jsonl or .parquet, or one of {list(BUILTIN)})"
+            f"{spec}: prompts file not found (expected .jsonl, .parquet, AlpacaEval .json, or one of {list(BUILTIN)})"
         )
     return PromptSource(
         path=spec if spec in BUILTIN else str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), limit=limit
@@ -50,8 +52,12 @@ def read_prompt_rows(path: Path) -> list[dict]:
         rows = read_jsonl(path)
     elif path.suffix == ".parquet":
         rows = [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    elif path.suffix == ".json":
+        rows = read_alpaca_eval(path, PromptFileError)
     else:
-        raise PromptFileError(f"{path}: unsupported prompts format '{path.suffix}' (expected .jsonl or .parquet)")
+        raise PromptFileError(
+            f"{path}: unsupported prompts format '{path.suffix}' (expected .jsonl, .parquet or AlpacaEval .json)"
+        )
     return [_validated(path, line, row) for line, row in rows]
 
 

@@ -151,7 +151,13 @@ def resumed_run(prefect_server, failed_run):
 
 
 def test_deploy_registers_every_flow_with_typed_parameters_a_schedule_and_the_trigger(prefect_server, deployed):
-    assert set(deployed) == {"self-improve/self-improve", "gem/gem", "genies-eval/genies-eval", "pipeline/pipeline"}
+    assert set(deployed) == {
+        "self-improve/self-improve",
+        "gem/gem",
+        "genies-eval/genies-eval",
+        "pipeline/pipeline",
+        "refeval-eval/refeval-eval",
+    }
     with prefect_server.client() as client:
         assert client.read_work_pool(POOL).type == "process"
         by_name = {name: client.read_deployment(deployment_id) for name, deployment_id in deployed.items()}
