@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from alignflow.config import WinRateConfig
 from alignflow.storage.artifacts import ArtifactRef
 from alignflow.tasks.alpaca_eval import alpaca_eval_records, write_alpaca_eval
+from alignflow.tasks.logistic import fit_logistic
 from alignflow.tasks.matchups import INITIAL, POLICY
 from alignflow.tasks.stage import RunContext, Stage, StageOutput, stage_task
 
@@ -65,22 +67,13 @@ def bootstrap_ci(verdicts: np.ndarray, resamples: int, seed: int, confidence: fl
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, slope_l2: float, steps: int = 50) -> tuple[float, float]:
-    """(intercept, slope) of p(y=1) = sigmoid(b0 + b1 x) by Newton's method; ``y`` may be soft
-    (a tie is 0.5). The slope carries a small L2 penalty so that verdicts the length separates
-    perfectly still give a finite fit; the intercept is free."""
-    design = np.stack([np.ones_like(x), x], axis=1)
-    penalty = np.diag([0.0, slope_l2])
-    beta = np.zeros(2)
-    for _ in range(steps):
-        p = 1 / (1 + np.exp(-(design @ beta)))
-        gradient = design.T @ (y - p) - penalty @ beta
-        hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty
-        step = np.linalg.solve(hessian, gradient)
-        beta += step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(beta[0]), float(beta[1])
+def fit_intercept_and_slope(x: np.ndarray, y: np.ndarray, slope_l2: float) -> tuple[float, float]:
+    """(intercept, slope) of p(y=1) = sigmoid(b0 + b1 x); ``y`` may be soft (a tie is 0.5). The
+    slope carries a small L2 penalty so that verdicts the length separates perfectly still give
+    a finite fit; the intercept is free."""
+    design = torch.tensor(np.stack([np.ones_like(x), x], axis=1))
+    b0, b1 = fit_logistic(design, torch.tensor(y), torch.tensor([0.0, slope_l2])).tolist()
+    return b0, b1
 
 
 def length_controlled_win_rate(verdicts: np.ndarray, length_diff: np.ndarray, slope_l2: float = 1e-3) -> float:
@@ -91,7 +84,7 @@ def length_controlled_win_rate(verdicts: np.ndarray, length_diff: np.ndarray, sl
         return mean
     scale = float(length_diff.std())
     x = np.tanh(length_diff / scale) if scale > 0 else np.zeros_like(length_diff, dtype=float)
-    intercept, _ = fit_logistic(x.astype(float), verdicts, slope_l2)
+    intercept, _ = fit_intercept_and_slope(x.astype(float), verdicts, slope_l2)
     return 1 / (1 + math.exp(-intercept))
 
 

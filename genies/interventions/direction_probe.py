@@ -20,7 +20,7 @@ stream entering the block). Units are numbered site-major, as upstream: unit = l
 Evaluation: P(B preferred) = sigmoid(w s(A -> B) + c); B plays upstream's second response.
 
 Departures from upstream, and why:
-- Logistic fits are Newton's method in torch (mass_mean.fit_logistic): scikit-learn is not a
+- Logistic fits are Newton's method in torch (tasks/logistic.py): scikit-learn is not a
   dependency. The probes solve scikit-learn's objective to convergence (lbfgs stops at tol 1e-4).
 - The calibrator has an L2 penalty of 1e-6 on w and c; upstream's has none, and on a
   separable validation set (likely with few pairs) its optimum is at infinity.
@@ -44,8 +44,9 @@ from pydantic import Field
 
 from alignflow.config import GeniesScoringConfig, Strict
 from alignflow.genies.interventions.base import BuiltinIntervention, Scores
-from alignflow.genies.interventions.mass_mean import fit_logistic, pair_differences, pair_score
+from alignflow.genies.interventions.mass_mean import pair_differences, pair_score
 from alignflow.genies.scoring import encode_pairs, per_pair_progress, text_ids
+from alignflow.tasks.logistic import fit_logistic
 from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import map_batches
 

@@ -26,6 +26,7 @@ from pydantic import Field
 from alignflow.config import GeniesScoringConfig, Strict
 from alignflow.genies.interventions.base import BuiltinIntervention, Scores, register
 from alignflow.genies.scoring import encode_pairs, last_token_states, per_pair_progress
+from alignflow.tasks.logistic import fit_logistic
 from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import map_batches
 
@@ -65,31 +66,6 @@ def layer_cosines(diffs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
 def signed_to_preferred(pairs: list[dict]) -> torch.Tensor:
     """+1 where B is preferred, -1 where A is: turns a(B) - a(A) into a(pref) - a(dispref)."""
     return torch.tensor([1.0 if p["preferred"] == 1 else -1.0 for p in pairs])
-
-
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor, iterations: int = 100) -> torch.Tensor:
-    """w minimising sum_i logloss(y_i, sigmoid(x_i . w)) + 1/2 sum_j penalty_j w_j^2 (x: rows x
-    features; a column of ones with penalty 0 is an unpenalised intercept), by Newton's
-    method from w = 0, halving any step that does not lower the objective."""
-    x, y, penalty = x.double(), y.double(), penalty.double()
-
-    def objective(w: torch.Tensor) -> torch.Tensor:
-        z = x @ w
-        return (F.softplus(z) - y * z).sum() + 0.5 * (penalty * w * w).sum()
-
-    w = torch.zeros(x.shape[1], dtype=torch.double)
-    for _ in range(iterations):
-        p = torch.sigmoid(x @ w)
-        gradient = x.T @ (p - y) + penalty * w
-        hessian = x.T @ (x * (p * (1 - p))[:, None]) + torch.diag(penalty)
-        step = torch.linalg.solve(hessian, gradient)
-        before, size = objective(w), 1.0
-        while objective(w - size * step) > before and size > 1e-12:
-            size /= 2
-        w = w - size * step
-        if (size * step).abs().max() < 1e-10:
-            break
-    return w
 
 
 def fit_slope(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2) -> float:

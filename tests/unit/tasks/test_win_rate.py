@@ -14,7 +14,7 @@ from alignflow.tasks.prompts import PromptFileError, prompt_source, read_prompt_
 from alignflow.tasks.win_rate import (
     Matchup,
     bootstrap_ci,
-    fit_logistic,
+    fit_intercept_and_slope,
     instruction_verdict,
     length_controlled_win_rate,
     orders_agree,
@@ -81,7 +81,7 @@ def test_logistic_fit_reproduces_each_group_mean():
     # two feature values: the unpenalised fit matches each group's win rate exactly:
     # sigmoid(b0 + b1) = 6/8 and sigmoid(b0 - b1) = 1/2, so b0 = b1 = ln(3)/2
     verdicts, length_diff = two_length_groups()
-    b0, b1 = fit_logistic(np.sign(length_diff), verdicts, slope_l2=0.0)
+    b0, b1 = fit_intercept_and_slope(np.sign(length_diff), verdicts, slope_l2=0.0)
     assert b0 == pytest.approx(math.log(3) / 2, abs=1e-9) and b1 == pytest.approx(math.log(3) / 2, abs=1e-9)
 
 
