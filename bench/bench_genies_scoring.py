@@ -21,18 +21,28 @@ from benchlib import one_sequence_logprob, timed
 
 from alignflow.config import GeniesScoringConfig, alignflow_home
 from alignflow.genies.data import capped, distribution_dir, expand_pairs, read_split
-from alignflow.genies.interventions.zero_shot import response_logprobs
 from alignflow.genies.metrics import accuracy
-from alignflow.genies.scoring import encode_pairs, probs_from_scores
+from alignflow.genies.scoring import encode_pairs, probs_from_scores, too_long
 from alignflow.workers.models import load_causal_lm, resolve_model_dir
+from alignflow.workers.scoring import sequence_logprob_sums
 
 
-def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: int) -> list[dict]:
+def load_pairs(data_dir: Path, names: list[str], per_distribution: int, seed: int, tokenizer, max_tokens: int):
+    """Seeded test pairs of each distribution, over-long records dropped as the genies_pairs stage drops them."""
     pairs = []
     for name in names:
         records = read_split(distribution_dir(data_dir, name), "test")
-        pairs += capped(expand_pairs(records, seed, name, "test"), per_distribution, seed)
+        dropped = {i for i, record in enumerate(records) if too_long(tokenizer, record, max_tokens)}
+        kept = [p for p in expand_pairs(records, seed, name, "test") if p["record"] not in dropped]
+        pairs += capped(kept, per_distribution, seed)
     return pairs
+
+
+def batched(model, tokenizer, pairs: list[dict], scoring: GeniesScoringConfig) -> tuple[list[float], list[float]]:
+    """alignflow's path: distinct sequences, length-bucketed batches under the token budget."""
+    seqs = encode_pairs(tokenizer, pairs, scoring.max_tokens)
+    sums = sequence_logprob_sums(model, tokenizer.pad_token_id, seqs.prompts, seqs.responses, scoring.token_budget)
+    return seqs.pair_scores(sums)
 
 
 def per_pair_loop(model, tokenizer, pairs: list[dict], max_tokens: int) -> tuple[list[float], list[float]]:
@@ -61,13 +71,13 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_causal_lm(resolve_model_dir(args.model, args.model_cache), args.dtype)
-    pairs = load_pairs(Path(args.data_dir), args.distributions, args.pairs, args.seed)
+    pairs = load_pairs(Path(args.data_dir), args.distributions, args.pairs, args.seed, tokenizer, args.max_tokens)
     scoring = GeniesScoringConfig(max_tokens=args.max_tokens, dtype=args.dtype)
     seqs = encode_pairs(tokenizer, pairs, args.max_tokens)
     pair_tokens = sum(len(seqs.prompts[i]) + len(seqs.responses[i]) for pair in seqs.pair_index for i in pair)
 
-    response_logprobs(model, tokenizer, pairs[:4], scoring)  # warm-up: first-call allocations
-    (ours_a, ours_b), ours_s = timed(lambda: response_logprobs(model, tokenizer, pairs, scoring))
+    batched(model, tokenizer, pairs[:4], scoring)  # warm-up: first-call allocations
+    (ours_a, ours_b), ours_s = timed(lambda: batched(model, tokenizer, pairs, scoring))
     (base_a, base_b), base_s = timed(lambda: per_pair_loop(model, tokenizer, pairs, args.max_tokens))
 
     p_ours, p_base = probs_from_scores(ours_a, ours_b), probs_from_scores(base_a, base_b)
