@@ -13,7 +13,15 @@ from alignflow.config import GemConfig, GeniesConfig, PipelineConfig, RefEvalEva
 def check_self_improve(config: SelfImproveConfig) -> None:
     from alignflow.tasks.prompts import prompt_source, read_prompts
 
-    read_prompts(prompt_source(config.prompts, config.limit_prompts))
+    training = read_prompts(prompt_source(config.prompts, config.limit_prompts))
+    if config.validation_prompts is not None:
+        validation = read_prompts(prompt_source(config.validation_prompts, config.limit_validation_prompts))
+        shared = {r["prompt"] for r in training} & {r["prompt"] for r in validation}
+        if shared:
+            raise ValueError(
+                f"validation_prompts: {len(shared)} of its prompts are also training prompts "
+                f"(e.g. {next(iter(sorted(shared)))[:60]!r}); validation must be held out"
+            )
 
 
 def check_refeval_eval(config: RefEvalEvalConfig) -> None:

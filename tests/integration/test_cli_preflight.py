@@ -51,6 +51,15 @@ def test_traceback_flag_shows_what_the_line_hides(bad_prompts, tmp_path):
     assert f"PromptFileError: {bad_prompts}:3: bad JSON" in done.stderr
 
 
+def test_validation_prompts_that_are_training_prompts_fail_before_the_flow_run(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour.", "reference": "Red."}\n{"prompt": "Say hi.", "reference": "Hi."}\n')
+    home = tmp_path / "home"
+    done = alignflow("run", "self-improve", f"prompts={prompts}", f"validation_prompts={prompts}", home=home)
+    expected = "validation_prompts: 2 of its prompts are also training prompts (e.g. 'Name a colour.')"
+    assert_one_line_before_any_flow_run(done, home, expected)
+
+
 def test_bad_preference_row_fails_before_the_gem_flow_run(tmp_path):
     good = {"prompt": "p", "chosen": "yes", "rejected": "no"}
     train = tmp_path / "train.jsonl"
