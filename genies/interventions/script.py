@@ -59,19 +59,24 @@ def list_flag(values: list[str], contract: str) -> list[str]:
     return [repr(values)] if contract == "api" else values
 
 
-def read_accuracy(path: Path) -> tuple[float, dict]:
+def read_result(path: Path) -> dict:
+    """eval.py's output: a JSON object with a numeric ``eval_accuracy``."""
     result = read_json(path, "eval.py wrote no result file")
     if not isinstance(result, dict) or not isinstance(result.get("eval_accuracy"), (int, float)):
         raise GeniesDataError(f"{path}: no numeric 'eval_accuracy' (keys: {_keys_or_type(result)})")
-    extra = {k: v for k, v in result.items() if type(v) in (int, float) and k != "eval_accuracy"}
-    return float(result["eval_accuracy"]), extra
+    return result
 
 
-def read_probabilities(path: Path, pairs: int) -> list[float] | None:
+def numeric_extras(result: dict) -> dict:
+    """The result's other numbers (a script's own metrics), kept with the evaluation."""
+    return {k: v for k, v in result.items() if type(v) in (int, float) and k != "eval_accuracy"}
+
+
+def result_probabilities(result: dict, pairs: int) -> list[float] | None:
     """``eval_probabilities`` (P(preferred) per pair, GENIES's order: records as written,
     each record's pairs in turn) when it has one number per pair; None otherwise (absent,
     or the script dropped pairs, so they cannot be matched)."""
-    values = json.loads(path.read_text()).get("eval_probabilities")
+    values = result.get("eval_probabilities")
     if isinstance(values, list) and len(values) == pairs and all(isinstance(v, (int, float)) for v in values):
         return [float(v) for v in values]
     return None
@@ -120,8 +125,9 @@ class ScriptIntervention:
                 "--output_paths",
                 *list_flag([str(result)], self.contract),
             )
-            accuracy, extra = read_accuracy(result)
-            p_preferred = read_probabilities(result, len(pairs))
+            output = read_result(result)
+        accuracy, extra = float(output["eval_accuracy"]), numeric_extras(output)
+        p_preferred = result_probabilities(output, len(pairs))
         if p_preferred is None:
             return Scores(accuracy=accuracy, extra=extra)
         p_a = [p if pair["preferred"] == 0 else 1.0 - p for pair, p in zip(pairs, p_preferred)]
