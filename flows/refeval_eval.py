@@ -108,6 +108,15 @@ def refeval_eval_summary(ctx: RunContext, config: RefEvalEvalConfig, refs: dict[
     }
 
 
+def preference_line(m: dict) -> str:
+    if m.get("mean_preference") is None:
+        return "Mean preference: n/a (no instruction judged in both orders)."
+    return (
+        f"Mean preference for the policy, both orders averaged (a pull toward one position cancels; 0.5: none): "
+        f"{m['mean_preference']:.4f} [{m['mean_preference_ci_low']:.4f}, {m['mean_preference_ci_high']:.4f}]."
+    )
+
+
 def refeval_eval_markdown(summary: dict) -> str:
     m, answers = summary["win_rate"], summary["answers"]
     consistency = "n/a" if m["position_consistency"] is None else f"{m['position_consistency']:.3f}"
@@ -123,6 +132,8 @@ def refeval_eval_markdown(summary: dict) -> str:
         f"| {m['win_rate']:.3f} | [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] "
         f"| {m['length_controlled_win_rate']:.3f} | {m['wins']} / {m['ties']} / {m['losses']} | {consistency} "
         f"| {m['policy_mean_chars']:.0f} / {m['initial_mean_chars']:.0f} |",
+        "",
+        preference_line(m),
         "",
         "A tie is an instruction whose two orders do not both pick the same side; "
         f"{m['not_judged']} had identical answers or were not judged. Answers cut off at sample.max_new_tokens: "

@@ -8,6 +8,10 @@ orders disagree, when either is undecided, or when an order was not judged (the 
 outputs are the same text, or the judge dropped the comparison). A judge that always
 prefers one position therefore scores ties, not wins. Lengths are counted in characters,
 as AlpacaEval does (tokenizer-independent).
+
+``mean_preference`` keeps what such a judge still says: the mean over instructions judged
+in both orders of (p(policy better) as (a) + p(policy better) as (b)) / 2, in which a
+constant pull toward one position cancels; 0.5 is no preference.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def win_rate_metrics(
     verdicts = np.array([instruction_verdict(m, tie_margin) for m in matchups])
     judged = [m for m in matchups if m.policy_first is not None and m.policy_second is not None]
     low, high = bootstrap_ci(verdicts, resamples, seed, confidence)
+    preferences = np.array([(m.policy_first + m.policy_second) / 2 for m in judged])
+    preference_ci = bootstrap_ci(preferences, resamples, seed, confidence) if judged else (None, None)
     policy_chars = np.array([m.policy_chars for m in matchups], dtype=float)
     initial_chars = np.array([m.initial_chars for m in matchups], dtype=float)
     return {
@@ -111,6 +117,9 @@ def win_rate_metrics(
         "not_judged": len(matchups) - len(judged),
         # over instructions judged in both orders: identical answers say nothing about position bias
         "position_consistency": sum(orders_agree(m, tie_margin) for m in judged) / len(judged) if judged else None,
+        "mean_preference": float(preferences.mean()) if judged else None,
+        "mean_preference_ci_low": preference_ci[0],
+        "mean_preference_ci_high": preference_ci[1],
         "length_controlled_win_rate": length_controlled_win_rate(verdicts, policy_chars - initial_chars),
         "policy_mean_chars": float(policy_chars.mean()),
         "initial_mean_chars": float(initial_chars.mean()),

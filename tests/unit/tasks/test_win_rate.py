@@ -59,6 +59,18 @@ def test_headline_numbers_of_four_hand_worked_instructions():
     assert metrics["policy_mean_chars"] == (100 + 40 + 80 + 30) / 4
     assert metrics["initial_mean_chars"] == (50 + 60 + 80 + 30) / 4
     assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+    # (0.9 + 0.7) / 2, (0.3 + 0.2) / 2, (0.8 + 0.3) / 2 over the 3 judged
+    assert metrics["mean_preference"] == pytest.approx((0.8 + 0.25 + 0.55) / 3)
+
+
+def test_mean_preference_cancels_a_judge_that_always_prefers_output_a():
+    """p(a) = 0.87 + a small real preference d: each order alone says little, their mean says d."""
+    lean = [0.02, 0.01, 0.03, -0.01]
+    matchups = [matchup(0.87 + d, 1 - (0.87 - d), pid=str(i)) for i, d in enumerate(lean)]
+    metrics = win_rate_metrics(matchups)
+    assert metrics["position_consistency"] == 0.0 and metrics["win_rate"] == 0.5
+    assert metrics["mean_preference"] == pytest.approx(0.5 + sum(lean) / len(lean))
+    assert metrics["mean_preference_ci_low"] <= metrics["mean_preference"] <= metrics["mean_preference_ci_high"]
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():
