@@ -107,6 +107,19 @@ class Storage(Strict):
         return {**self.storage_options, **{k: v for k, v in named.items() if v is not None}}
 
 
+class TextFormat(Strict):
+    """How (prompt, answer) becomes tokens; one setting for every stage of a run, so a model is
+    scored in the format it was trained in.
+
+    chat: the prompt is the user turn of the model's chat template, after a system turn holding
+    ``instruction`` when set (GEM's repository), in every stage.
+    plain: ``prompt + "\\n\\n" + answer``, no chat template (the SEGA repository); ``instruction``
+    is added only where chains of thought are sampled: ``prompt + "\\n\\n" + instruction + "\\n"``."""
+
+    style: Literal["chat", "plain"] = "chat"
+    instruction: str | None = None
+
+
 class SampleConfig(Strict):
     n: int = Field(4, ge=1)
     temperature: float = Field(0.8, ge=0.0)
@@ -121,6 +134,7 @@ class SampleConfig(Strict):
     shard_size: int = Field(32, ge=1, description="prompts per shard (the unit a replica computes and commits)")
     backend: BackendKind = "hf"
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (backend: vllm)")
+    format: TextFormat = TextFormat()
 
     @model_validator(mode="after")
     def _entropies_need_hf(self):
@@ -193,6 +207,7 @@ class PairsConfig(Strict):
 
 
 class LogprobsConfig(Strict):
+    format: TextFormat = TextFormat()
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
     max_prompt_tokens: int | None = Field(None, ge=16)
     max_response_tokens: int | None = Field(None, ge=2)
@@ -229,6 +244,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after the warmup: cosine decay to 0, or the constant lr"
+    )
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     eval_every: int = Field(5, ge=1, description="optimizer steps between validation passes")
     checkpoint_every: int = Field(5, ge=1, description="optimizer steps between resumable checkpoints")
@@ -477,48 +495,107 @@ class GeniesConfig(RunConfig):
 
 
 class SFTConfig(TrainConfig):
-    """Reflective SFT: the target is reasoning, then the marker, then the chosen answer."""
+    """GEM's first stage: SFT on (prompt, chosen answer) in the run's format, the prompt masked."""
 
     lr: float = Field(1e-4, gt=0.0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: bool = Field(
-        False, description="reason from the rejected answer as a first draft (the paper's reflection)"
+    target: Literal["chosen", "contrast"] = Field(
+        "chosen",
+        description="chosen: the chosen answer, as both upstream repositories train; contrast: this project's "
+        "extension, in neither repository nor the paper: contrast_reasoning (the rejected answer as a first draft), "
+        "the marker, then the chosen answer",
     )
-    reasoning: str = Field("Let me think about what a good answer needs.", description="reasoning without contrast")
     contrast_reasoning: str = Field(
         "A first draft: {rejected}\nThat draft falls short; a better answer fixes its problems.",
-        description="reasoning with contrast; {rejected} is the rejected answer",
+        description="the contrast target's reasoning; {rejected} is the rejected answer",
     )
     marker: str = "Final Answer:"
     max_prompt_tokens: int = Field(512, ge=16)
     max_answer_tokens: int = Field(
-        256, ge=4, description="the chosen and the rejected answer each keep this many tokens"
+        256, ge=4, description="the chosen (and, for contrast, the rejected) answer each keep this many tokens"
     )
+    format: TextFormat = TextFormat()
+
+
+# Eq. 1 as each upstream repository computes it; "marker" is this project's span rule.
+ENTROPY_PRESETS: dict[str, dict] = {
+    "sega": {"lambda_fork": 0.4, "top_m_rounding": "ceil", "final_span": "last_tokens", "final_window": 3},
+    "gem": {"lambda_fork": 1.0, "top_m_rounding": "floor", "final_span": "fraction", "marker": "Final Answer"},
+    "marker": {"lambda_fork": 0.4, "top_m_rounding": "ceil", "final_span": "marker", "final_window": 3},
+}
 
 
 class EntropyConfig(Strict):
-    """Cognitive filtering by Eq. 1: S = -H_final + lambda_fork * mean(top-m reasoning entropies)."""
+    """Cognitive filtering by Eq. 1: S = -H_final + lambda_fork * mean(top-m reasoning entropies).
+    ``preset`` fills the fields not given: sega (the SEGA repository), gem (GEM's), marker (ours)."""
 
+    preset: Literal["sega", "gem", "marker"] = "sega"
     lambda_fork: float = Field(0.4, ge=0.0)
-    top_m: float = Field(0.1, gt=0.0, description="< 1: fraction of the reasoning span (rounded up); >= 1: a count")
-    final_window: int = Field(3, ge=1, description="tokens scored as the final answer when the marker is missing")
+    top_m: float = Field(0.1, gt=0.0, description="< 1: fraction of the reasoning tokens; >= 1: a count")
+    top_m_rounding: Literal["ceil", "floor"] = Field("ceil", description="how a fraction becomes a count (at least 1)")
+    final_span: Literal["last_tokens", "fraction", "marker"] = Field(
+        "last_tokens",
+        description="last_tokens: the last final_window tokens; fraction: the last final_fraction_with_marker "
+        "of the tokens when the marker is in the text, else final_fraction; marker: the tokens after the "
+        "marker (located by token offsets), else the last final_window tokens",
+    )
+    final_window: int = Field(3, ge=1)
+    final_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    final_fraction_with_marker: float = Field(0.25, gt=0.0, lt=1.0)
     marker: str = "Final Answer:"
-    trim_outliers: bool = Field(False, description="drop candidates below Q1 - iqr_k * IQR of all scores")
+    trim_outliers: bool = Field(
+        False, description="per prompt, drop candidates below Q1 - iqr_k * IQR of that prompt's scores"
+    )
     iqr_k: float = Field(1.5, gt=0.0)
-    emit_pairs: bool = Field(False, description="also write top-vs-bottom preference pairs per prompt")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data):
+        if isinstance(data, dict):
+            preset = data.get("preset", "sega")
+            return {**ENTROPY_PRESETS.get(preset, {}), **data}
+        return data
 
 
 class SEGAConfig(TrainConfig):
-    """SEGA (Eq. 2) on the sampled groups. Defaults follow the public code: summed
-    log-probs, no KL, AdamW lr 5e-6, grad clip 1."""
+    """SEGA (Eq. 2), on-policy: each of ``iterations`` samples k candidates per prompt from the
+    current policy, scores them by Eq. 1 and trains ``steps_per_iteration`` optimizer steps.
+    Defaults follow the SEGA repository: one prompt per step, summed log-probs, no KL, AdamW
+    (weight decay 0.01) at a constant lr 5e-6, gradient clip 1."""
 
+    iterations: int = Field(1, ge=1, description="sample -> score -> train rounds, each a cached stage chain")
+    steps_per_iteration: int = Field(
+        1, ge=1, description="1 samples before every step, as upstream; more reuse one sampling for several steps"
+    )
     lr: float = Field(5e-6, gt=0.0)
-    batch_size: int = Field(2, ge=1, description="groups (prompts with their k candidates) per micro-batch")
+    batch_size: int = Field(1, ge=1, description="groups (prompts with their k candidates) per micro-batch")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    lr_schedule: Literal["cosine", "constant"] = "constant"
+    weight_decay: float = Field(0.01, ge=0.0)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     mapping: Literal["softmax", "identity"] = "softmax"
-    zscore: bool = False
+    zscore: bool = Field(False, description="divide advantages by their std (GEM's repository z-scores S itself)")
     length_normalize: bool = Field(False, description="per-token mean log-probs instead of sums")
-    kl_coef: float = Field(0.0, ge=0.0, description="weight of the per-token KL penalty to the starting policy")
+    kl_coef: float = Field(0.0, ge=0.0, description="weight of the per-token KL penalty to the iteration's policy")
+    shuffle_advantages: bool = Field(
+        False, description="the control: each group's scores permuted (seeded) before the advantages"
+    )
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.steps_per_iteration * self.batch_size * self.grad_accum * self.epochs
+
+
+class PROConfig(TrainConfig):
+    """PRO (Preference Ranking Optimization), listwise: for each prompt's ranking y_1 > ... > y_n,
+    -sum_k log softmax over {y_k..y_n} of r(y_k), r the mean token log-prob, plus ``sft_weight``
+    times the NLL of y_1."""
+
+    lr: float = Field(5e-5, gt=0.0)
+    sft_weight: float = Field(0.05, ge=0.0)
+    max_prompt_tokens: int | None = Field(512, ge=16)
+    max_response_tokens: int | None = Field(256, ge=2)
+    format: TextFormat = TextFormat()
 
 
 class PrefAccuracyConfig(Strict):
@@ -527,11 +604,20 @@ class PrefAccuracyConfig(Strict):
     max_response_tokens: int = Field(256, ge=2)
     token_budget: int = Field(4096, ge=64, description="tokens per forward batch (length-bucketed)")
     dtype: Dtype = "auto"
+    format: TextFormat = TextFormat()
+
+
+# Each style's instruction by default: SEGA's sampling line for plain, a step-by-step system turn for chat.
+DEFAULT_INSTRUCTIONS = {
+    "plain": "Let's think step by step.",
+    "chat": "You are a helpful assistant. Reason step by step, then give your Final Answer.",
+}
+Baseline = Literal["dpo", "ipo", "pro"]
 
 
 class GemConfig(RunConfig):
-    """The gem flow: reflective SFT -> k CoT candidates with entropies -> Eq. 1
-    filtering -> SEGA -> preference accuracy (base, SFT, GEM, and DPO to compare)."""
+    """The gem flow: SFT -> on-policy SEGA iterations (k CoT candidates from the current policy,
+    Eq. 1, SEGA steps) -> preference accuracy of base, SFT, GEM and the baselines on the same pairs."""
 
     train: dict[str, str] = Field(
         {"alpaca_low_quality": "genies:alpaca_low_quality:train", "alpaca_mmlu": "genies:alpaca_mmlu:train"},
@@ -551,24 +637,40 @@ class GemConfig(RunConfig):
     max_train_pairs: int | None = Field(None, ge=1, description="cap per training set (seeded subset)")
     max_eval_pairs: int | None = Field(None, ge=1, description="cap per evaluation set (seeded subset)")
     seed: int = 0
-    compare_dpo: bool = Field(True, description="also train DPO from the base model on the same pairs")
+    format: Literal["plain", "chat"] = Field(
+        "plain", description="plain: prompt, blank line, answer (SEGA's repository); chat: the chat template (GEM's)"
+    )
+    instruction: str | None = Field(None, description="the step-by-step instruction; default: the format's own")
+    baselines: list[Baseline] = Field(
+        ["dpo", "ipo", "pro"], description="trained from the base model on the same pairs, beside GEM"
+    )
+    shuffled_control: bool = Field(
+        False, description="also run SEGA with each group's scores shuffled, same steps: what entropy adds"
+    )
     sft: SFTConfig = SFTConfig()
     sample: SampleConfig = SampleConfig(n=4, temperature=1.0, top_p=0.95, cot=True)
     entropy: EntropyConfig = EntropyConfig()
     sega: SEGAConfig = SEGAConfig()
     logprobs: LogprobsConfig = LogprobsConfig()
     dpo: DPOConfig = DPOConfig()
+    pro: PROConfig = PROConfig()
     pref_accuracy: PrefAccuracyConfig = PrefAccuracyConfig()
 
+    def text_format(self) -> TextFormat:
+        return TextFormat(style=self.format, instruction=self.instruction or DEFAULT_INSTRUCTIONS[self.format])
+
     @model_validator(mode="after")
-    def _one_marker(self):
-        if self.sft.marker != self.entropy.marker:
+    def _consistent(self):
+        reads_marker = self.sft.target == "contrast" and self.entropy.final_span == "marker"
+        if reads_marker and self.sft.marker != self.entropy.marker:
             raise ValueError(
                 f"sft.marker {self.sft.marker!r} and entropy.marker {self.entropy.marker!r} must be the "
                 "same: filtering looks for the marker SFT taught"
             )
         if not self.sample.cot:
             raise ValueError("sample.cot must be true in the gem flow: entropy filtering needs the per-step entropies")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines: each at most once, got {self.baselines}")
         return self
 
 

@@ -18,10 +18,11 @@ HEADLINE = {
     "pairs": ["rows_out", "mean_margin", "unfinished_candidates"],
     "logprobs": ["rows_out", "tokens_per_s"],
     "entropy": ["marker_share", "mean_final_entropy", "mean_fork_entropy", "trimmed"],
-    "entropy_pairs": ["rows_out"],
+    "sega_prompts": ["rows_out"],
     "train_sft": ["train_rows", "steps", "before_loss", "after_loss"],
     "train_ref_sft": ["train_rows", "val_rows", "steps", "before_loss", "after_loss"],
     "train_sega": ["groups", "steps", "before_loss", "after_loss"],
+    "train_pro": ["train_rows", "steps", "before_loss", "after_loss"],
     "train_dpo": [
         "train_rows",
         "val_rows",
@@ -96,9 +97,16 @@ def gem_summary(store: ArtifactStore, stages: dict[str, ArtifactRef], accuracy: 
     table = []
     for (model, reward), ref in accuracy.items():
         m = store.manifest(ref.stage, ref.key)["metrics"]
-        row = {"model": model, "reward": reward, "uri": ref.uri, "accuracy": m["accuracy"], "ties": m["ties"]}
-        for d in datasets:
-            row |= {d: m[f"accuracy/{d}"], f"{d} ties": m[f"ties/{d}"], f"{d} pairs": m[f"pairs/{d}"]}
+        row = {"model": model, "reward": reward, "uri": ref.uri}
+        for d in [*datasets, None]:
+            suffix, name = (f"/{d}", f"{d} ") if d else ("", "")
+            row |= {
+                name + "accuracy": m["accuracy" + suffix],
+                name + "ci": [m["ci_low" + suffix], m["ci_high" + suffix]],
+                name + "ties": m["ties" + suffix],
+                name + "ties correct": m["accuracy_ties_correct" + suffix],
+                name + "pairs": m["pairs" + suffix],
+            }
         table.append(row)
     return {"stages": headlines(store, stages), "datasets": datasets, "accuracy": table}
 
@@ -108,19 +116,23 @@ def gem_markdown(summary: dict) -> str:
     lines = [
         "# gem summary",
         "",
-        "## preference accuracy (ties: share of pairs, not counted as correct)",
+        "## preference accuracy [95% Wilson interval] (ties: share of pairs, not counted as correct)",
         "",
-        "| model | reward | " + " | ".join(datasets) + " | all |",
-        "|---|---|" + "---:|" * (len(datasets) + 1),
+        "| model | reward | " + " | ".join(datasets) + " | all | all, ties as correct |",
+        "|---|---|" + "---:|" * (len(datasets) + 2),
     ]
     for row in summary["accuracy"]:
-        cells = [
-            f"{row[d]:.3f} ({row[f'{d} ties']:.2f} ties)" if row[f"{d} ties"] else f"{row[d]:.3f}" for d in datasets
-        ]
-        lines.append(f"| {row['model']} | {row['reward']} | " + " | ".join(cells) + f" | {row['accuracy']:.3f} |")
+        cells = [accuracy_cell(row, f"{d} ") for d in datasets] + [accuracy_cell(row, ""), f"{row['ties correct']:.3f}"]
+        lines.append(f"| {row['model']} | {row['reward']} | " + " | ".join(cells) + " |")
     pairs = ", ".join(f"{d}: {summary['accuracy'][0][f'{d} pairs']}" for d in datasets)
     lines += ["", f"pairs per dataset: {pairs}", "", "## stages", "", *headline_table(summary["stages"])]
     return "\n".join(lines) + "\n"
+
+
+def accuracy_cell(row: dict, prefix: str) -> str:
+    low, high = row[prefix + "ci"]
+    ties = row[prefix + "ties"]
+    return f"{row[prefix + 'accuracy']:.3f} [{low:.2f}, {high:.2f}]" + (f" ({ties:.2f} ties)" if ties else "")
 
 
 def publish_gem(summary: dict) -> None:
@@ -128,7 +140,10 @@ def publish_gem(summary: dict) -> None:
 
     create_table_artifact(
         key="gem-preference-accuracy",
-        table=[{k: v for k, v in row.items() if k != "uri"} for row in summary["accuracy"]],
+        table=[
+            {k: f"[{v[0]:.3f}, {v[1]:.3f}]" if k.endswith("ci") else v for k, v in row.items() if k != "uri"}
+            for row in summary["accuracy"]
+        ],
         description="gem: preference accuracy per model, reward and dataset",
     )
     publish_markdown("gem-summary", gem_markdown(summary), "gem: artifacts and headline metrics")

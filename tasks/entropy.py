@@ -3,12 +3,18 @@ Eq. 1 from the per-token entropies recorded while it was generated.
 
     S(a) = -H_final(a) + lambda_fork * mean(top-m of {H_t : t in the reasoning span})
 
-H_final is the mean entropy over the final-answer tokens: those after the
-``Final Answer:`` marker (found by token offsets), or without a marker the
-last ``final_window`` real tokens. The stop token is not content and padding
-never exists here (each candidate keeps only its own generated tokens).
-A confident answer (low H_final) after exploratory reasoning (high entropy at
-its forks) scores high.
+H_final is the mean entropy over the final-answer tokens; the reasoning span is
+every content token before them. Which tokens are final (``final_span``):
+- last_tokens: the last ``final_window`` (the SEGA repository: 3);
+- fraction: the last 25% when the marker's text is in the candidate, else the
+  last 20% (GEM's repository: it checks only that the marker is there);
+- marker: the tokens after the marker, found by token offsets, else the last
+  ``final_window`` (this project's rule).
+top-m is a fraction of the reasoning tokens rounded up (SEGA) or down (GEM), at
+least 1. The stop token is not content and padding never exists here (each
+candidate keeps only its own generated tokens), where both repositories also
+count positions after the end of shorter candidates. A confident answer (low
+H_final) after exploratory reasoning (high entropy at its forks) scores high.
 """
 
 from __future__ import annotations
@@ -37,25 +43,46 @@ def token_offsets(tokenizer, token_ids: list[int]) -> list[int]:
     return [len(tokenizer.decode(token_ids[:i], skip_special_tokens=True)) for i in range(len(token_ids))]
 
 
-def split_spans(entropies: list[float], offsets: list[int], text: str, marker: str, final_window: int) -> Spans:
+def marker_spans(entropies: list[float], offsets: list[int], text: str, marker: str) -> Spans | None:
+    """Reasoning before the marker, the answer after it (None: no marker, or nothing after it)."""
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    answer_from = at + len(marker)
+    first_final = next((i for i, o in enumerate(offsets) if o >= answer_from), len(offsets))
+    first_marker = max(0, sum(o <= at for o in offsets) - 1)  # the token holding the marker's first character
+    if first_final == len(offsets):
+        return None
+    return Spans(entropies[:first_marker], entropies[first_final:], True)
+
+
+def split_at(entropies: list[float], final_count: int, marker_found: bool) -> Spans:
+    start = len(entropies) - min(final_count, len(entropies))
+    return Spans(entropies[:start], entropies[start:], marker_found)
+
+
+def split_spans(entropies: list[float], offsets: list[int], text: str, config: EntropyConfig) -> Spans:
     """Reasoning and final-answer entropies of one candidate (``entropies`` and
     ``offsets`` cover its content tokens only, stop token excluded)."""
-    at = text.rfind(marker)
-    if at >= 0:
-        answer_from = at + len(marker)
-        first_final = next((i for i, o in enumerate(offsets) if o >= answer_from), len(offsets))
-        first_marker = max(0, sum(o <= at for o in offsets) - 1)  # the token holding the marker's first character
-        if first_final < len(offsets):
-            return Spans(entropies[:first_marker], entropies[first_final:], True)
-    start = max(0, len(entropies) - final_window)
-    return Spans(entropies[:start], entropies[start:], False)
+    if config.final_span == "fraction":
+        found = config.marker in text
+        share = config.final_fraction_with_marker if found else config.final_fraction
+        return split_at(entropies, len(entropies) - int(len(entropies) * (1 - share)), found)
+    if config.final_span == "marker":
+        spans = marker_spans(entropies, offsets, text, config.marker)
+        if spans:
+            return spans
+    return split_at(entropies, config.final_window, False)
 
 
-def top_m_count(top_m: float, span: int) -> int:
-    """top_m < 1 is a fraction of the span (rounded up), otherwise a count."""
+def top_m_count(top_m: float, span: int, rounding: str = "ceil") -> int:
+    """top_m < 1 is a fraction of the span (rounded up or down, at least 1), otherwise a count."""
     if span == 0:
         return 0
-    count = math.ceil(top_m * span) if top_m < 1 else int(top_m)
+    if top_m >= 1:
+        count = int(top_m)
+    else:
+        count = math.ceil(top_m * span) if rounding == "ceil" else math.floor(top_m * span)
     return max(1, min(count, span))
 
 
@@ -63,14 +90,14 @@ def final_entropy(spans: Spans) -> float:
     return sum(spans.final) / len(spans.final) if spans.final else 0.0
 
 
-def fork_entropy(spans: Spans, top_m: float) -> float:
+def fork_entropy(spans: Spans, top_m: float, rounding: str = "ceil") -> float:
     """Mean of the top-m reasoning entropies (the forks where the reasoning explored)."""
-    m = top_m_count(top_m, len(spans.reasoning))
+    m = top_m_count(top_m, len(spans.reasoning), rounding)
     return sum(sorted(spans.reasoning, reverse=True)[:m]) / m if m else 0.0
 
 
-def eq1_score(spans: Spans, lambda_fork: float, top_m: float) -> float:
-    return -final_entropy(spans) + lambda_fork * fork_entropy(spans, top_m)
+def eq1_score(spans: Spans, config: EntropyConfig) -> float:
+    return -final_entropy(spans) + config.lambda_fork * fork_entropy(spans, config.top_m, config.top_m_rounding)
 
 
 # -- the entropy stage -----------------------------------------------------------
@@ -84,15 +111,14 @@ def content_tokens(candidate: dict) -> tuple[list[int], list[float]]:
 
 def score_candidate(tokenizer, candidate: dict, config: EntropyConfig) -> dict:
     ids, entropies = content_tokens(candidate)
-    spans = split_spans(
-        entropies, token_offsets(tokenizer, ids), candidate["response"], config.marker, config.final_window
-    )
+    offsets = token_offsets(tokenizer, ids) if config.final_span == "marker" else []
+    spans = split_spans(entropies, offsets, candidate["response"], config)
     return {
         "prompt_id": candidate["prompt_id"],
         "candidate": candidate["candidate"],
-        "score": eq1_score(spans, config.lambda_fork, config.top_m),
+        "score": eq1_score(spans, config),
         "final_entropy": final_entropy(spans),
-        "fork_entropy": fork_entropy(spans, config.top_m),
+        "fork_entropy": fork_entropy(spans, config.top_m, config.top_m_rounding),
         "marker_found": spans.marker_found,
         "reasoning_tokens": len(spans.reasoning),
         "final_tokens": len(spans.final),
@@ -108,11 +134,12 @@ def lower_fence(scores: list[float], k: float) -> float:
 
 
 def rank_and_trim(rows: list[dict], config: EntropyConfig) -> list[dict]:
-    """Rank within each prompt (0 = highest S); mark low outliers as not kept."""
-    fence = lower_fence([r["score"] for r in rows], config.iqr_k) if config.trim_outliers else -math.inf
+    """Rank within each prompt (0 = highest S); mark each prompt's low outliers as not kept."""
     ordered = sorted(rows, key=lambda r: (r["prompt_id"], -r["score"], r["candidate"]))
     out = []
     for _, group in groupby(ordered, key=lambda r: r["prompt_id"]):
+        group = list(group)
+        fence = lower_fence([r["score"] for r in group], config.iqr_k) if config.trim_outliers else -math.inf
         out += [{**r, "rank": rank, "kept": r["score"] >= fence} for rank, r in enumerate(group)]
     return out
 
@@ -133,40 +160,6 @@ def compute_entropy(ctx: RunContext, config: EntropyConfig, key: str, policy: Ar
     return StageOutput(tables=[pa.Table.from_pylist(rows)], metrics=metrics)
 
 
-def top_vs_bottom_pairs(candidates: list[dict], scores: list[dict]) -> list[dict]:
-    """Per prompt, the best kept candidate as chosen and the worst kept one as rejected (distinct texts only)."""
-    by_key = {(c["prompt_id"], c["candidate"]): c for c in candidates}
-    pairs = []
-    for prompt_id, group in groupby(
-        sorted((s for s in scores if s["kept"]), key=lambda s: (s["prompt_id"], s["rank"])),
-        key=lambda s: s["prompt_id"],
-    ):
-        ranked = list(group)
-        best, worst = by_key[(prompt_id, ranked[0]["candidate"])], by_key[(prompt_id, ranked[-1]["candidate"])]
-        if len(ranked) > 1 and best["response"] != worst["response"]:
-            pairs.append(
-                {
-                    "id": prompt_id,
-                    "prompt_id": prompt_id,
-                    "prompt": best["prompt"],
-                    "chosen": best["response"],
-                    "rejected": worst["response"],
-                    "margin": ranked[0]["score"] - ranked[-1]["score"],
-                }
-            )
-    return pairs
-
-
-def compute_entropy_pairs(
-    ctx: RunContext, config: EntropyConfig, key: str, candidates: ArtifactRef, scores: ArtifactRef
-):
-    store = ctx.store()
-    pairs = top_vs_bottom_pairs(store.read_rows(candidates), store.read_rows(scores))
-    if not pairs:
-        raise ValueError("entropy_pairs: no prompt has two kept candidates with different texts; nothing to pair")
-    return StageOutput(tables=[pa.Table.from_pylist(pairs)], metrics={"rows_out": len(pairs)})
-
-
 SCORE_ROWS = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -181,17 +174,5 @@ SCORE_ROWS = pa.schema(
         ("kept", pa.bool_()),
     ]
 )
-ENTROPY_PAIR_ROWS = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("margin", pa.float64()),
-    ]
-)
 ENTROPY = Stage("entropy", compute_entropy, __name__, schema=SCORE_ROWS)
-ENTROPY_PAIRS = Stage("entropy_pairs", compute_entropy_pairs, __name__, schema=ENTROPY_PAIR_ROWS)
 entropy_task = stage_task(ENTROPY)
-entropy_pairs_task = stage_task(ENTROPY_PAIRS)

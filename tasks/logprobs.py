@@ -35,7 +35,14 @@ def reference_logprobs(backend, pairs: list[dict], config: LogprobsConfig, progr
     rows = [
         {
             **{name: p[name] for name in PAIR_TEXT},
-            **encode_pair(backend.tokenizer, p, backend.stop_ids, config.max_prompt_tokens, config.max_response_tokens),
+            **encode_pair(
+                backend.tokenizer,
+                p,
+                backend.stop_ids,
+                config.max_prompt_tokens,
+                config.max_response_tokens,
+                config.format,
+            ),
         }
         for p in pairs
     ]

@@ -1,9 +1,10 @@
 """pref_accuracy: how often a policy's implicit reward prefers the chosen response.
 
-r(q, a) = beta * sum_t log pi(a_t | q, a_<t), or with a reference model
+r(q, a) = beta * sum_t log pi(a_t | q, a_<t), (q, a) rendered in the run's format (the
+one its models were trained in), or with a reference model
 beta * (log pi - log pi_ref) (as RewardBench scores DPO models). A pair is
-correct when r(chosen) > r(rejected); ties are reported on their own and are
-not counted as correct.
+correct when r(chosen) > r(rejected); ties are reported on their own, and
+``accuracy_ties_correct`` counts them as correct as the SEGA repository does.
 
 The policy is a model (``policy``) or a pref_accuracy artifact that already
 scored it on the same pairs (``policy_scores``); the reference is always such an
@@ -12,6 +13,8 @@ many comparisons use them.
 """
 
 from __future__ import annotations
+
+import math
 
 import pyarrow as pa
 
@@ -29,8 +32,18 @@ def implicit_rewards(policy: list[float], beta: float, reference: list[float] | 
     return [beta * (p - r) for p, r in zip(policy, reference)]
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): sound at small n and near 0 or 1."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict:
-    """Share of pairs where chosen wins, where it ties, and the mean margin."""
+    """Share of pairs where chosen wins (with its 95% Wilson interval), where it ties, and the
+    mean margin; also the accuracy that counts ties as correct, as the SEGA repository's
+    evaluation does (r_chosen >= r_rejected)."""
     if not chosen or len(chosen) != len(rejected):
         raise ValueError(
             f"need the same non-zero number of chosen and rejected rewards, got {len(chosen)} and {len(rejected)}"
@@ -38,10 +51,14 @@ def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict:
     wins = sum(c > r for c, r in zip(chosen, rejected))
     ties = sum(c == r for c, r in zip(chosen, rejected))
     n = len(chosen)
+    low, high = wilson_interval(wins, n)
     return {
         "pairs": n,
         "accuracy": wins / n,
+        "ci_low": low,
+        "ci_high": high,
         "ties": ties / n,
+        "accuracy_ties_correct": (wins + ties) / n,
         "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
     }
 
@@ -49,7 +66,10 @@ def preference_accuracy(chosen: list[float], rejected: list[float]) -> dict:
 def policy_logprobs(model, tokenizer, pairs: list[dict], config: PrefAccuracyConfig, progress=None):
     """Summed log pi of each pair's chosen and of its rejected response."""
     stops = end_of_turn_ids(tokenizer, model)
-    encoded = [encode_pair(tokenizer, p, stops, config.max_prompt_tokens, config.max_response_tokens) for p in pairs]
+    encoded = [
+        encode_pair(tokenizer, p, stops, config.max_prompt_tokens, config.max_response_tokens, config.format)
+        for p in pairs
+    ]
     prompts = [e["prompt_ids"] for e in encoded] * 2
     responses = [e["chosen_ids"] for e in encoded] + [e["rejected_ids"] for e in encoded]
     sums = sequence_logprob_sums(model, tokenizer.pad_token_id, prompts, responses, config.token_budget, progress)

@@ -1,6 +1,7 @@
 """sample: n candidates per prompt from the policy, with per-token log-probs of
 the raw next-token distribution. In CoT mode (GEM) each step's raw entropy is
-kept too, computed from the same distribution during generation."""
+kept too, computed from the same distribution during generation, and the prompt
+is rendered as ``config.format`` renders chains of thought."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def distinct_prompts(rows: list[dict], limit: int | None) -> list[dict]:
 
 
 def sample_candidates(backend, rows: list[dict], config: SampleConfig, progress=None) -> tuple[list[dict], dict]:
-    fitted = [fit_prompt(backend.tokenizer, r["prompt"], config.max_prompt_tokens) for r in rows]
+    fitted = [
+        fit_prompt(backend.tokenizer, r["prompt"], config.max_prompt_tokens, config.format, reasoning=config.cot)
+        for r in rows
+    ]
     params = GenerationParams(
         n=config.n,
         temperature=config.temperature,

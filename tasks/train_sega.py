@@ -1,4 +1,5 @@
-"""train_sega (GEM Eq. 2): a listwise objective over the k candidates of one prompt.
+"""train_sega (GEM Eq. 2): a listwise objective over the k candidates of one prompt,
+one on-policy iteration: the candidates were sampled from this stage's policy.
 
     r_i = S_i (identity) or softmax_i(S) ;  A_i = r_i - mean(r)  (optionally / std(r))
     L   = -(1/k) * sum_i stopgrad(A_i) * log pi(a_i | q)
@@ -7,15 +8,21 @@ log pi(a_i | q) is the summed log-prob of the candidate's tokens (optionally
 divided by its length). An optional KL penalty to the reference uses the
 per-token estimator exp(d) - d - 1 with d = log pi_ref - log pi, which is
 non-negative and unbiased for KL(pi || pi_ref) on the policy's own samples.
-The reference is the starting policy (the model that sampled the candidates);
-its per-token log-probs are computed once before training.
+The reference is the iteration's starting policy (the model that sampled the
+candidates); its per-token log-probs are computed once before training.
+``shuffle_advantages`` (the control) permutes each group's scores first, seeded:
+the same advantage sizes, no entropy signal.
 
 Training sees exactly the sampling context: the stored prompt token ids and the
-generated token ids, stop token included.
+generated token ids, stop token included (the SEGA repository scores a context
+without its step-by-step line). With a full fine-tune the AdamW state goes from
+one iteration to the next beside the model, so one step per iteration is
+upstream's single optimizer run.
 """
 
 from __future__ import annotations
 
+import random
 from itertools import groupby
 
 import torch
@@ -65,9 +72,10 @@ def sega_groups(candidates: list[dict], scores: list[dict], config: SEGAConfig) 
     groups = []
     for prompt_id, group in groupby(members, key=lambda c: c["prompt_id"]):
         group = list(group)
-        advantages = group_advantages(
-            torch.tensor([kept[(prompt_id, c["candidate"])] for c in group]), config.mapping, config.zscore
-        )
+        scores = [kept[(prompt_id, c["candidate"])] for c in group]
+        if config.shuffle_advantages:
+            random.Random(f"{config.seed}:{prompt_id}").shuffle(scores)
+        advantages = group_advantages(torch.tensor(scores), config.mapping, config.zscore)
         if len(group) > 1 and bool(advantages.abs().max() > 0):
             groups.append(
                 {
@@ -147,6 +155,7 @@ def compute_train_sega(
         config,
         lambda tokenizer: sega_objective(config, tokenizer.pad_token_id),
         prepare=with_reference,
+        carry_optimizer=True,
     )
     out.metrics["groups"] = len(groups)
     return out

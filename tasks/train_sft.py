@@ -1,10 +1,10 @@
-"""train_sft (GEM stage A, reflective SFT) on (prompt, chosen) pairs.
+"""train_sft (GEM stage A) on (prompt, chosen) pairs, in the run's format.
 
-The target teaches reasoning, then ``Final Answer:``, then the chosen answer, so
-that entropy filtering can find the answer span in the candidates the model
-later samples. With ``contrast`` the reasoning starts from the rejected answer as
-a first draft (the paper's reflection). Only target tokens are learned: the
-prompt and the padding carry the ignore label.
+The target is the chosen answer, as both upstream repositories train (GEM's
+step-by-step system turn is part of its chat format's prompt). ``target: contrast``
+is this project's extension, in neither repository: reasoning from the rejected
+answer as a first draft, the marker, then the chosen answer. Only target tokens
+are learned: the prompt and the padding carry the ignore label.
 """
 
 from __future__ import annotations
@@ -26,31 +26,29 @@ def clip_text(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def reflective_target(tokenizer, pair: dict, config: SFTConfig) -> str:
+def sft_target(tokenizer, pair: dict, config: SFTConfig) -> str:
     chosen = clip_text(tokenizer, pair["chosen"], config.max_answer_tokens)
-    if config.contrast:
-        rejected = clip_text(tokenizer, pair["rejected"], config.max_answer_tokens)
-        reasoning = config.contrast_reasoning.replace("{rejected}", rejected)
-    else:
-        reasoning = config.reasoning
-    return f"{reasoning}\n{config.marker} {chosen}"
+    if config.target == "chosen":
+        return chosen
+    rejected = clip_text(tokenizer, pair["rejected"], config.max_answer_tokens)
+    return f"{config.contrast_reasoning.replace('{rejected}', rejected)}\n{config.marker} {chosen}"
 
 
 def sft_examples(tokenizer, stop_ids: list[int], pairs: list[dict], config: SFTConfig) -> list[dict]:
-    """Token ids of prompt and target per distinct (prompt, target): without contrast,
-    the pairs of one prompt share a target and are learned once."""
+    """Token ids of prompt and target per distinct (prompt, target): the pairs of one
+    prompt share a chosen answer, which is learned once."""
     seen, rows = set(), []
     for pair in pairs:
-        target = reflective_target(tokenizer, pair, config)
+        target = sft_target(tokenizer, pair, config)
         if (pair["prompt"], target) in seen:
             continue
         seen.add((pair["prompt"], target))
-        content, prompt, _ = fit_prompt(tokenizer, pair["prompt"], config.max_prompt_tokens)
+        content, prompt, _ = fit_prompt(tokenizer, pair["prompt"], config.max_prompt_tokens, config.format)
         rows.append(
             {
                 "prompt_id": pair["prompt_id"],
                 "prompt_ids": prompt,
-                "target_ids": response_ids(tokenizer, content, target, stop_ids),
+                "target_ids": response_ids(tokenizer, content, target, stop_ids, config.format),
             }
         )
     return rows

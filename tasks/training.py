@@ -362,7 +362,7 @@ def train(
     for step in range(state.step, total):
         rows = step_rows(train_rows, config, step, steps_per_epoch)
         for group in engine.optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, total, warmup)
+            group["lr"] = config.lr * lr_factor(step, total, warmup, decay=config.lr_schedule == "cosine")
         batches = rank_micro_batches(rows, config.batch_size, engine.rank, engine.world_size)
         parts = []
         for i, batch in enumerate(batches):
@@ -498,6 +498,7 @@ def fit(
     objective_for: Callable[..., Objective],
     prepare: Callable[..., list[dict]] | None = None,
     val_rows: list[dict] | None = None,
+    carry_optimizer: bool = False,
 ) -> StageOutput:
     """A training stage end to end: ``prepare(model, tokenizer, rows)`` (tokenise,
     reference numbers) while the model is still the starting policy, split, measure
@@ -505,10 +506,25 @@ def fit(
     With a ZeRO strategy every rank runs it and rank 0's output comes back.
     ``policy``: a model artifact, or a local model folder (the GENIES dpo intervention's base).
     ``val_rows``: a validation set of its own (prepared as ``rows`` are), used instead of
-    splitting ``config.val_fraction`` off ``rows``."""
+    splitting ``config.val_fraction`` off ``rows``.
+    ``carry_optimizer``: a full fine-tune in one process starts from the optimizer state the
+    policy artifact carries (an earlier iteration's) and commits its own beside the model."""
     model_dir = policy if isinstance(policy, Path) else ctx.model_dir(policy)
+    carry = carry_optimizer and carries_optimizer(config)
     job = partial(
-        fit_on_rank, ctx, stage, key, model_dir, model_name(policy), rows, config, objective_for, prepare, val_rows
+        fit_on_rank,
+        ctx,
+        stage,
+        key,
+        model_dir,
+        model_name(policy),
+        rows,
+        config,
+        objective_for,
+        prepare,
+        val_rows,
+        carry,
+        carried_optimizer_state(ctx, policy) if carry else None,
     )
     strategy = config.distributed.strategy
     if strategy == "none":
@@ -518,6 +534,25 @@ def fit(
     from alignflow.workers.distributed import run_distributed
 
     return run_distributed(job, config.distributed.world_size, address=ctx.ray.get("address"))
+
+
+OPTIMIZER, OPTIMIZER_FILE = "optimizer", "optimizer.pt"
+
+
+def carries_optimizer(config: TrainConfig) -> bool:
+    """Only a full fine-tune in one process: a LoRA run starts a new adapter on the merged
+    model, whose parameters the old state does not fit; ZeRO partitions its state per rank."""
+    return config.full_finetune and config.distributed.strategy == "none"
+
+
+def carried_optimizer_state(ctx: RunContext, policy: ArtifactRef | Path) -> Path | None:
+    """The optimizer state file a trained policy artifact carries, if it carries one."""
+    if isinstance(policy, Path) or policy.stage == "model":
+        return None
+    store = ctx.store()
+    if OPTIMIZER not in store.manifest(policy.stage, policy.key)["dirs"]:
+        return None
+    return store.local_dir(policy, OPTIMIZER, Path(ctx.model_cache) / "artifacts") / OPTIMIZER_FILE
 
 
 def fit_on_rank(
@@ -531,9 +566,12 @@ def fit_on_rank(
     objective_for: Callable[..., Objective],
     prepare: Callable[..., list[dict]] | None,
     val_rows: list[dict] | None = None,
+    carry: bool = False,
+    optimizer_state: Path | None = None,
 ) -> StageOutput | None:
     """``fit`` in this process: the only one, or one rank of a distributed job, where
-    only rank 0 measures and saves (the others return None)."""
+    only rank 0 measures and saves (the others return None). ``carry``: start from
+    ``optimizer_state`` (when there is one) and commit the final state beside the model."""
     lead = not dist.is_initialized() or dist.get_rank() == 0
     model, tokenizer = prepare_model(model_dir, config)
     if prepare:
@@ -551,6 +589,8 @@ def fit_on_rank(
     before = evaluate(model, eval_rows, config, objective) if lead else {}
     model.train()
     engine = make_engine(model, config)
+    if optimizer_state:
+        engine.optimizer.load_state_dict(torch.load(optimizer_state, map_location="cpu", weights_only=True))
     progress = Progress(stage, total_steps(len(train_rows), config), unit="steps") if lead else None
     state = train(
         model, train_rows, val_rows, config, objective, Checkpoints(ctx.store(), stage, key), progress, engine
@@ -563,6 +603,10 @@ def fit_on_rank(
     after = evaluate(model, eval_rows, config, objective)
     scratch = Path(tempfile.mkdtemp(prefix=f"alignflow-{stage}-"))
     dirs = save_models(model, tokenizer, config, scratch, base_model)
+    if carry:
+        dirs[OPTIMIZER] = scratch / OPTIMIZER
+        dirs[OPTIMIZER].mkdir()
+        torch.save(engine.optimizer.state_dict(), dirs[OPTIMIZER] / OPTIMIZER_FILE)
     return StageOutput(
         tables=[pa.Table.from_pylist(state.log)],
         dirs=dirs,

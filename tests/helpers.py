@@ -99,21 +99,31 @@ def tiny_config_data(model_dir: Path, home: Path, **overrides) -> dict:
 
 
 def gem_config_data(model_dir: Path, data_dir: Path, home: Path) -> dict:
-    """A gem config sized for the tiny model and a few real GENIES pairs."""
+    """A gem config sized for the tiny model and a few real GENIES pairs: 2 on-policy SEGA
+    iterations of 1 step on 2 prompts, the shuffled control and the three baselines."""
     lora = {"r": 4, "alpha": 8}
     return {
         "model": str(model_dir),
         "genies_data_dir": str(data_dir),
         "paths": {"home": str(home)},
-        "train": {"mmlu": "genies:alpaca_mmlu:train"},
+        "train": {"mmlu": "genies:alpaca_mmlu:train", "short": "genies:alpaca_short:train"},
         "eval": {"mmlu": "genies:alpaca_mmlu:test", "arc_easy": "genies:arc_easy:test"},
-        "max_train_pairs": 8,
+        "max_train_pairs": 6,
         "max_eval_pairs": 4,
-        "sft": {"contrast": True, "lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
-        "sample": {"cot": True, "n": 3, "max_new_tokens": 10, "max_prompts": 6},
-        "entropy": {"emit_pairs": True},
-        "sega": {"lr": 1e-3, "zscore": True, "kl_coef": 0.05, "checkpoint_every": 1, "lora": lora},
+        "shuffled_control": True,
+        "sft": {"lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
+        "sample": {"cot": True, "n": 3, "max_new_tokens": 10},
+        "sega": {
+            "iterations": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "zscore": True,
+            "kl_coef": 0.05,
+            "checkpoint_every": 1,
+            "lora": lora,
+        },
         "dpo": {"lr": 1e-3, "batch_size": 4, "val_fraction": 0.0, "lora": lora},
+        "pro": {"lr": 1e-3, "batch_size": 2, "val_fraction": 0.0, "max_response_tokens": 48, "lora": lora},
         "pref_accuracy": {"max_response_tokens": 48},
     }
 
@@ -143,12 +153,12 @@ def run_with_task_runs(flow_fn, config):
     state = flow_fn(config=config, return_state=True)
 
     def final_task_runs():
-        # A task run's final state reaches the API asynchronously, after the flow returns.
+        # A task run's state (its first one too) reaches the API asynchronously, after the flow returns.
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
             )
-        return runs if all(run.state.is_final() for run in runs) else None
+        return runs if all(run.state is not None and run.state.is_final() for run in runs) else None
 
     return state.result(), wait_for(final_task_runs, 30, "the flow's task runs to reach final states")
 

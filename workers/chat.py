@@ -1,9 +1,19 @@
-"""Chat-template rendering shared by every stage, so sampling, judging, reference
-log-probs and training all see the same prompt tokens."""
+"""Prompt and answer rendering shared by every stage, so sampling, judging, reference
+log-probs, training and scoring all see the same tokens: the chat template by default
+(``fmt`` None); a ``TextFormat`` may add a system turn, or render plain text (GEM)."""
 
 from __future__ import annotations
 
 import re
+from typing import Protocol
+
+
+class TextFormat(Protocol):
+    """alignflow.config.TextFormat, as rendering reads it."""
+
+    style: str
+    instruction: str | None
+
 
 # Stands in for user text while a chat template renders: a private-use character no template writes
 _SLOT = "\ue000{}\ue000"
@@ -15,9 +25,25 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def prompt_ids(tokenizer, content: str) -> list[int]:
-    """The user turn plus the assistant header (generation prompt)."""
-    return _ids(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+def chat_messages(content: str, fmt: TextFormat | None, reply: str | None = None) -> list[dict]:
+    """The chat turns: a system turn with the format's instruction when it has one, the user's, the reply."""
+    system = [{"role": "system", "content": fmt.instruction}] if fmt and fmt.instruction else []
+    assistant = [{"role": "assistant", "content": reply}] if reply is not None else []
+    return [*system, {"role": "user", "content": content}, *assistant]
+
+
+def plain_context(content: str, fmt: TextFormat, reasoning: bool) -> str:
+    """The prompt, a blank line, and with ``reasoning`` the instruction on a line of its own."""
+    instruction = f"{fmt.instruction}\n" if reasoning and fmt.instruction else ""
+    return f"{content}\n\n{instruction}"
+
+
+def prompt_ids(tokenizer, content: str, fmt: TextFormat | None = None, reasoning: bool = False) -> list[int]:
+    """What precedes an answer: the user turn plus the assistant header (chat), or the plain
+    context. ``reasoning``: the context chains of thought are sampled in."""
+    if fmt and fmt.style == "plain":
+        return _ids(tokenizer(plain_context(content, fmt, reasoning), split_special_tokens=True))
+    return _ids(tokenizer.apply_chat_template(chat_messages(content, fmt), add_generation_prompt=True))
 
 
 def slot(name: str) -> str:
@@ -61,32 +87,35 @@ def chatml_turns(text: str, source: str) -> list[dict]:
     return messages
 
 
-def fit_prompt(tokenizer, content: str, max_tokens: int) -> tuple[str, list[int], bool]:
+def fit_prompt(
+    tokenizer, content: str, max_tokens: int, fmt: TextFormat | None = None, reasoning: bool = False
+) -> tuple[str, list[int], bool]:
     """Render ``content``; if too long, drop tokens from the left of the content
-    (never the chat header) until it fits. Returns (content used, ids, truncated)."""
-    ids = prompt_ids(tokenizer, content)
+    (never the chat header or the instruction) until it fits. Returns (content used, ids, truncated)."""
+    ids = prompt_ids(tokenizer, content, fmt, reasoning)
     if len(ids) <= max_tokens:
         return content, ids, False
     content_ids = tokenizer(content, add_special_tokens=False)["input_ids"]
     excess = len(ids) - max_tokens
     while excess < len(content_ids):
         kept = tokenizer.decode(content_ids[excess:])
-        ids = prompt_ids(tokenizer, kept)
+        ids = prompt_ids(tokenizer, kept, fmt, reasoning)
         if len(ids) <= max_tokens:
             return kept, ids, True
         excess += len(ids) - max_tokens
-    raise ValueError(f"the chat template alone needs more than max_prompt_tokens={max_tokens} tokens")
+    raise ValueError(f"the prompt's template alone needs more than max_prompt_tokens={max_tokens} tokens")
 
 
-def response_ids(tokenizer, content: str, response: str, end_of_turn: list[int]) -> list[int]:
-    """Tokens of ``response`` as the assistant turn after ``content``, ending with
-    the end-of-turn token (what follows it in the template is not scored)."""
-    prompt = prompt_ids(tokenizer, content)
-    full = _ids(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
-        )
-    )
+def response_ids(
+    tokenizer, content: str, response: str, end_of_turn: list[int], fmt: TextFormat | None = None
+) -> list[int]:
+    """Tokens of ``response`` as the answer after ``content``, ending with the end-of-turn
+    token (chat: what follows it in the template is not scored; plain: the tokenizer's EOS)."""
+    if fmt and fmt.style == "plain":
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else end_of_turn[0]
+        return user_text_ids(tokenizer, response) + [eos]
+    prompt = prompt_ids(tokenizer, content, fmt)
+    full = _ids(tokenizer.apply_chat_template(chat_messages(content, fmt, response)))
     if full[: len(prompt)] != prompt:
         raise ValueError("chat template renders the prompt differently with and without a reply")
     tail = full[len(prompt) :]
@@ -104,18 +133,25 @@ def fit_response(ids: list[int], max_tokens: int | None) -> list[int]:
 
 
 def encode_pair(
-    tokenizer, pair: dict, end_of_turn: list[int], max_prompt_tokens: int | None, max_response_tokens: int | None
+    tokenizer,
+    pair: dict,
+    end_of_turn: list[int],
+    max_prompt_tokens: int | None,
+    max_response_tokens: int | None,
+    fmt: TextFormat | None = None,
 ) -> dict:
-    """Token ids of a preference pair's prompt, chosen and rejected turns, fitted to the limits."""
+    """Token ids of a preference pair's prompt, chosen and rejected answers, fitted to the limits."""
     content, prompt, _ = (
-        fit_prompt(tokenizer, pair["prompt"], max_prompt_tokens)
+        fit_prompt(tokenizer, pair["prompt"], max_prompt_tokens, fmt)
         if max_prompt_tokens
-        else (pair["prompt"], prompt_ids(tokenizer, pair["prompt"]), False)
+        else (pair["prompt"], prompt_ids(tokenizer, pair["prompt"], fmt), False)
     )
     return {
         "prompt_ids": prompt,
         **{
-            f"{side}_ids": fit_response(response_ids(tokenizer, content, pair[side], end_of_turn), max_response_tokens)
+            f"{side}_ids": fit_response(
+                response_ids(tokenizer, content, pair[side], end_of_turn, fmt), max_response_tokens
+            )
             for side in ("chosen", "rejected")
         },
     }

@@ -1,6 +1,7 @@
 """GEM stage logic on hand-made rows and the tiny model: entropy scoring, ranking and
-pairs, SEGA groups and objective, preference accuracy per dataset, pair encoding,
-and the preferences stage helpers."""
+trimming per prompt, SEGA groups (and the shuffled control) and objective, the prompts
+of each on-policy iteration, preference accuracy per dataset, pair encoding, and the
+preferences stage helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from alignflow.config import EntropyConfig, SEGAConfig
-from alignflow.tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate, top_vs_bottom_pairs
+from alignflow.tasks.entropy import content_tokens, lower_fence, rank_and_trim, score_candidate
 from alignflow.tasks.pref_accuracy import accuracy_by_dataset, scored_sides
 from alignflow.tasks.preferences import (
     PreferenceFileError,
@@ -20,12 +21,13 @@ from alignflow.tasks.preferences import (
     preference_set,
     resolve_spec,
 )
+from alignflow.tasks.sega_prompts import SegaPrompts, iteration_prompt_ids
 from alignflow.tasks.train_sega import add_reference_token_logprobs, sega_groups, sega_objective
 from alignflow.workers.chat import encode_pair, fit_response, prompt_ids
 from alignflow.workers.scoring import sequence_logprob_sums, token_entropy
 
 MARKER = "Final Answer:"
-CONFIG = EntropyConfig(lambda_fork=0.4, top_m=0.5, final_window=3)
+CONFIG = EntropyConfig(preset="marker", lambda_fork=0.4, top_m=0.5, final_window=3)
 
 
 def _candidate(tokenizer, text: str, finish_reason: str, stop_entropy: float = 50.0, **extra) -> dict:
@@ -123,44 +125,18 @@ def test_rank_zero_is_the_highest_score_within_each_prompt():
 
 
 def test_low_outlier_is_dropped_only_with_trim_outliers():
-    kept_off = {(r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(ROWS, EntropyConfig())}
-    kept_on = {
-        (r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(ROWS, EntropyConfig(trim_outliers=True))
-    }
+    eight = [_scored("c", i, 10.0 + 0.1 * i) for i in range(7)] + [_scored("c", 7, -50.0)]
+    kept_off = {(r["prompt_id"], r["candidate"]): r["kept"] for r in rank_and_trim(eight, EntropyConfig())}
+    trimmed = rank_and_trim(eight, EntropyConfig(trim_outliers=True))
     assert all(kept_off.values())
-    assert [k for k, kept in kept_on.items() if not kept] == [("a", 2)]
+    assert [(r["prompt_id"], r["candidate"]) for r in trimmed if not r["kept"]] == [("c", 7)]
 
 
-def test_pairs_are_best_kept_versus_worst_kept_per_prompt():
-    def cand(prompt_id, candidate, response):
-        return {"prompt_id": prompt_id, "candidate": candidate, "prompt": f"q-{prompt_id}", "response": response}
-
-    def score(prompt_id, candidate, rank, value, kept=True):
-        return {"prompt_id": prompt_id, "candidate": candidate, "rank": rank, "score": value, "kept": kept}
-
-    candidates = [
-        cand("a", 0, "mid"),
-        cand("a", 1, "best"),
-        cand("a", 2, "trimmed"),
-        cand("a", 3, "worst kept"),
-        cand("b", 0, "same"),
-        cand("b", 1, "same"),  # identical texts
-        cand("c", 0, "alone"),
-        cand("c", 1, "trimmed"),
-    ]  # a single kept candidate
-    scores = [
-        score("a", 1, 0, 3.0),
-        score("a", 0, 1, 2.0),
-        score("a", 3, 2, 1.0),
-        score("a", 2, 3, -9.0, kept=False),
-        score("b", 0, 0, 2.0),
-        score("b", 1, 1, 1.0),
-        score("c", 0, 0, 2.0),
-        score("c", 1, 1, -9.0, kept=False),
-    ]
-    assert top_vs_bottom_pairs(candidates, scores) == [
-        {"id": "a", "prompt_id": "a", "prompt": "q-a", "chosen": "best", "rejected": "worst kept", "margin": 2.0}
-    ]
+def test_each_prompt_is_trimmed_against_its_own_scores():
+    """Prompt "low" scores far below prompt "high": one fence over both would drop all of "low"."""
+    rows = [_scored("high", i, 10.0 + 0.1 * i) for i in range(16)] + [_scored("low", i, 0.1 * i) for i in range(4)]
+    assert all(r["kept"] for r in rank_and_trim(rows, EntropyConfig(trim_outliers=True)))
+    assert lower_fence([r["score"] for r in rows], 1.5) > 0.3  # what a single fence would have done
 
 
 # -- SEGA ------------------------------------------------------------------------
@@ -206,6 +182,40 @@ def test_sega_groups_softmax_mapping_advantages_sum_to_zero():
     softmax = [v / sum(e) for v in e]
     assert group["advantages"] == pytest.approx([p - 1 / 3 for p in softmax])
     assert sum(group["advantages"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_shuffled_control_permutes_each_groups_scores_and_keeps_their_sizes():
+    candidates, scores = _sega_rows()
+    (plain,) = sega_groups(candidates, scores, SEGAConfig(mapping="identity"))
+    shuffled = [
+        sega_groups(candidates, scores, SEGAConfig(mapping="identity", shuffle_advantages=True, seed=seed))[0]
+        for seed in range(6)
+    ]
+    for group in shuffled:
+        assert sorted(group["advantages"]) == pytest.approx(sorted(plain["advantages"]))
+        assert group["responses"] == plain["responses"]
+    assert any(g["advantages"] != pytest.approx(plain["advantages"]) for g in shuffled)
+    again = sega_groups(candidates, scores, SEGAConfig(mapping="identity", shuffle_advantages=True, seed=0))
+    assert again[0]["advantages"] == shuffled[0]["advantages"]  # seeded
+
+
+# -- the prompts of each on-policy iteration -------------------------------------
+IDS = [f"q{i}" for i in range(10)]
+
+
+def test_iterations_take_consecutive_slices_of_seeded_passes_over_every_prompt():
+    slices = [iteration_prompt_ids(IDS, SegaPrompts(iteration=i, count=4, seed=7)) for i in range(5)]
+    first_pass = slices[0] + slices[1] + slices[2][:2]
+    assert sorted(first_pass) == IDS  # the first 10 positions are one pass: every prompt once
+    second_pass = slices[2][2:] + slices[3] + slices[4]
+    assert sorted(second_pass) == IDS and second_pass != first_pass  # reshuffled
+    assert iteration_prompt_ids(IDS, SegaPrompts(iteration=3, count=4, seed=7)) == slices[3]
+    assert iteration_prompt_ids(IDS, SegaPrompts(iteration=0, count=4, seed=8)) != slices[0]
+
+
+def test_an_iteration_cannot_ask_for_more_prompts_than_there_are():
+    with pytest.raises(ValueError, match="samples 11 prompts .* only 10 distinct prompts"):
+        iteration_prompt_ids(IDS, SegaPrompts(iteration=0, count=11))
 
 
 def _sega_batch(tokenizer):
@@ -289,17 +299,21 @@ def test_accuracy_by_dataset_reports_ties_apart_from_correct():
     ]  # wrong, correct, correct
     metrics = accuracy_by_dataset(rows)
     assert metrics["pairs"] == 5 and metrics["accuracy"] == 0.6 and metrics["ties"] == 0.2
-    per_dataset = {k: v for k, v in metrics.items() if "/" in k}
+    assert metrics["accuracy_ties_correct"] == 0.8
+    per_dataset = {k: v for k, v in metrics.items() if "/" in k and not k.startswith("ci_")}
     assert per_dataset == {
         "pairs/a": 2,
         "accuracy/a": 0.5,
         "ties/a": 0.5,
+        "accuracy_ties_correct/a": 1.0,
         "mean_margin/a": 0.5,
         "pairs/b": 3,
         "accuracy/b": 0.6667,
         "ties/b": 0.0,
+        "accuracy_ties_correct/b": 0.6667,
         "mean_margin/b": 0.3333,
     }
+    assert metrics["ci_low/a"] < 0.5 < metrics["ci_high/a"]
 
 
 def test_scored_sides_follow_the_order_of_the_pairs():

@@ -1,14 +1,15 @@
-"""Reflective SFT (GEM stage A): targets with and without contrast, examples, label
-masking and the loss on the tiny model; and the HF backend's per-step entropies of
-the raw next-token distribution, which entropy filtering scores."""
+"""GEM's SFT stage: the chosen-answer target (both repositories) and the contrast
+extension, examples in either format, label masking and the loss on the tiny model;
+and the HF backend's per-step entropies of the raw next-token distribution, which
+entropy filtering scores."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from alignflow.config import SFTConfig
-from alignflow.tasks.train_sft import IGNORE, clip_text, reflective_target, sft_examples, sft_labels, sft_objective
+from alignflow.config import SFTConfig, TextFormat
+from alignflow.tasks.train_sft import IGNORE, clip_text, sft_examples, sft_labels, sft_objective, sft_target
 from alignflow.workers.backend import GenerationParams
 from alignflow.workers.chat import prompt_ids
 from alignflow.workers.hf import HFBackend
@@ -20,17 +21,15 @@ PAIR = {"prompt_id": "p1", "prompt": "Capital of France?", "chosen": "Paris", "r
 
 
 # -- targets ---------------------------------------------------------------------
-def test_target_without_contrast_is_reasoning_marker_then_chosen(tokenizer):
-    config = SFTConfig()
-    target = reflective_target(tokenizer, PAIR, config)
-    reasoning, answer = target.split(MARKER)
-    assert reasoning.strip() == config.reasoning
-    assert answer.strip() == "Paris"
-    assert "Rome" not in target
+def test_the_default_target_is_the_chosen_answer_as_upstream_trains(tokenizer):
+    assert sft_target(tokenizer, PAIR, SFTConfig()) == "Paris"
+    assert sft_target(tokenizer, {**PAIR, "chosen": LONG_CHOSEN}, SFTConfig(max_answer_tokens=4)) == clip_text(
+        tokenizer, LONG_CHOSEN, 4
+    )
 
 
 def test_target_with_contrast_reasons_from_the_rejected_answer(tokenizer):
-    target = reflective_target(tokenizer, PAIR, SFTConfig(contrast=True))
+    target = sft_target(tokenizer, PAIR, SFTConfig(target="contrast"))
     reasoning, answer = target.split(MARKER)
     assert "Rome" in reasoning and "Paris" not in reasoning
     assert answer.strip() == "Paris"
@@ -39,12 +38,12 @@ def test_target_with_contrast_reasons_from_the_rejected_answer(tokenizer):
 
 def test_answers_are_clipped_to_max_answer_tokens(tokenizer):
     pair = {**PAIR, "chosen": LONG_CHOSEN, "rejected": "Rome is the capital of France, said the first draft"}
-    config = SFTConfig(contrast=True, max_answer_tokens=4)
+    config = SFTConfig(target="contrast", max_answer_tokens=4)
     clipped_chosen = clip_text(tokenizer, pair["chosen"], 4)
     clipped_rejected = clip_text(tokenizer, pair["rejected"], 4)
     assert len(tokenizer(clipped_chosen, add_special_tokens=False)["input_ids"]) == 4
     assert clipped_chosen != pair["chosen"] and pair["chosen"].startswith(clipped_chosen)
-    target = reflective_target(tokenizer, pair, config)
+    target = sft_target(tokenizer, pair, config)
     reasoning, answer = target.split(MARKER)
     assert answer == f" {clipped_chosen}"
     assert clipped_rejected in reasoning and pair["rejected"] not in reasoning
@@ -52,7 +51,7 @@ def test_answers_are_clipped_to_max_answer_tokens(tokenizer):
 
 def test_rejected_text_with_braces_survives_unchanged(tokenizer):
     rejected = "use {braces}, {0} and even {rejected} literally"
-    target = reflective_target(tokenizer, {**PAIR, "rejected": rejected}, SFTConfig(contrast=True))
+    target = sft_target(tokenizer, {**PAIR, "rejected": rejected}, SFTConfig(target="contrast"))
     assert rejected in target.split(MARKER)[0]
 
 
@@ -64,27 +63,35 @@ PAIRS = [
 ]
 
 
-def test_without_contrast_pairs_sharing_prompt_and_chosen_give_one_example(tokenizer):
+def test_pairs_sharing_prompt_and_chosen_answer_give_one_example(tokenizer):
     eot = tokenizer.eos_token_id
     rows = sft_examples(tokenizer, [eot], PAIRS, SFTConfig())
     assert [r["prompt_id"] for r in rows] == ["p1", "p2"]
     assert rows[0]["prompt_ids"] == prompt_ids(tokenizer, "Capital of France?")
+    assert tokenizer.decode(rows[0]["target_ids"][:-1]) == "Paris"
+
+
+def test_plain_examples_are_the_prompt_a_blank_line_and_the_answer_then_eos(tokenizer):
+    plain = TextFormat(style="plain", instruction="Let's think step by step.")
+    [row, _] = sft_examples(tokenizer, [tokenizer.eos_token_id], PAIRS, SFTConfig(format=plain))
+    assert tokenizer.decode(row["prompt_ids"]) == "Capital of France?\n\n"  # the instruction is for sampling only
+    assert row["target_ids"] == tokenizer("Paris", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def test_with_contrast_every_pair_gives_an_example(tokenizer):
     eot = tokenizer.eos_token_id
-    rows = sft_examples(tokenizer, [eot], PAIRS, SFTConfig(contrast=True))
+    rows = sft_examples(tokenizer, [eot], PAIRS, SFTConfig(target="contrast"))
     assert [r["prompt_id"] for r in rows] == ["p1", "p1", "p2"]
     assert rows[0]["target_ids"] != rows[1]["target_ids"]
 
 
 def test_target_ids_end_with_the_end_of_turn_token(tokenizer):
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for contrast in (False, True):
-        for row in sft_examples(tokenizer, [eot], PAIRS, SFTConfig(contrast=contrast)):
+    for target in ("chosen", "contrast"):
+        for row in sft_examples(tokenizer, [eot], PAIRS, SFTConfig(target=target)):
             assert row["target_ids"][-1] == eot
             assert eot not in row["target_ids"][:-1]
-            assert MARKER in tokenizer.decode(row["target_ids"])
+            assert (MARKER in tokenizer.decode(row["target_ids"])) == (target == "contrast")
 
 
 # -- masking and loss ------------------------------------------------------------
