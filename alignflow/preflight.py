@@ -39,13 +39,23 @@ def check_refeval_eval(config: RefEvalEvalConfig) -> None:
 
 
 def check_gem(config: GemConfig) -> None:
+    """The preference files, and that each SEGA iteration finds its prompts among the training pairs'."""
     from alignflow.flows.gem import genies_dir
+    from alignflow.genies.data import capped
     from alignflow.tasks.preferences import preference_set, read_preferences
 
-    for sources in (config.train, config.eval):
+    prompts: set[str] = set()
+    for sources, limit in ((config.train, config.max_train_pairs), (config.eval, None)):
         preferences = preference_set(sources, genies_dir(config), config.columns)
         for spec in preferences.sources.values():
-            read_preferences(spec, preferences.columns)
+            pairs = read_preferences(spec, preferences.columns)
+            if sources is config.train:
+                prompts |= {p["prompt"] for p in capped(pairs, limit, config.seed, id_field="id")}
+    if config.sega.prompts_per_iteration > len(prompts):
+        raise ValueError(
+            f"sega: each iteration samples {config.sega.prompts_per_iteration} prompts (steps_per_iteration x "
+            f"batch_size x grad_accum x epochs) but the training pairs have {len(prompts)} distinct prompts"
+        )
 
 
 def check_genies(config: GeniesConfig) -> None:

@@ -68,6 +68,17 @@ def test_bad_preference_row_fails_before_the_gem_flow_run(tmp_path):
     assert_one_line_before_any_flow_run(done, tmp_path / "home", f"{train}:2: field 'chosen' (chosen) is not non-empty")
 
 
+def test_sega_iterations_asking_for_more_prompts_than_the_pairs_have_fail_before_the_flow_run(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(3))
+    )
+    home = tmp_path / "home"
+    done = alignflow("run", "gem", f"train={{t: {train}}}", f"eval={{e: {train}}}", "sega.batch_size=4", home=home)
+    expected = "sega: each iteration samples 4 prompts (steps_per_iteration x batch_size x grad_accum x epochs)"
+    assert_one_line_before_any_flow_run(done, home, expected + " but the training pairs have 3 distinct prompts")
+
+
 def test_genies_folder_without_distributions_fails_before_the_flow_run(tmp_path):
     empty = tmp_path / "genies"
     empty.mkdir()
