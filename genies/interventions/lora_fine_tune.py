@@ -58,6 +58,9 @@ class ClassifierConfig(Strict):
         0.0, ge=0.0, le=1.0, description="steps of linear warmup before the constant lr (upstream: none in effect)"
     )
     max_grad_norm: float = Field(0.3, gt=0.0)
+    token_budget: int = Field(
+        4096, ge=64, description="padded tokens per forward pass: a step's pairs train in micro-batches that fit"
+    )
     quantize_4bit: bool = Field(True, description="NF4 4-bit base weights where bitsandbytes and CUDA are available")
     seed: int = 0
 
@@ -140,6 +143,7 @@ def train_classifier(
         shuffled_batches(len(pairs), config.batch_size, config.steps, config.seed),
         constant_lr(config),
         config.max_grad_norm,
+        config.token_budget,
         progress,
     )
 

@@ -20,9 +20,16 @@ from alignflow.genies.interventions.lora_fine_tune import (
     two_logit_head,
     use_4bit,
 )
-from alignflow.genies.interventions.lora_rm import LastTokenHead, bradley_terry_loss
-from alignflow.genies.scoring import probs_from_scores
+from alignflow.genies.interventions.lora_rm import (
+    LastTokenHead,
+    bradley_terry_loss,
+    fit_preferences,
+    pair_chunks,
+    preferred_index,
+)
+from alignflow.genies.scoring import Sequences, encode_pairs, probs_from_scores
 from alignflow.tasks.training import lr_factor
+from alignflow.workers.models import load_backbone
 from alignflow.workers.scoring import pack
 
 
@@ -100,3 +107,44 @@ def test_4bit_needs_bitsandbytes_and_cuda(monkeypatch, tmp_path, requested, cuda
     assert use_4bit(requested) is quantized
     (tmp_path / "precision.json").write_text(json.dumps({"quantized_4bit": requested}))
     assert evaluation_precision(tmp_path) is quantized  # evaluated in 4 bits only where trained so
+
+
+def _lengths_seqs(lengths: list[int]) -> tuple[Sequences, list[tuple[int, int]]]:
+    """Pairs whose two sequences are ``length`` tokens long (a 1-token prompt and the rest)."""
+    prompts = [[1] for _ in lengths for _ in (0, 1)]
+    responses = [[2] * (n - 1) for n in lengths for _ in (0, 1)]
+    return Sequences(prompts, responses, [(2 * i, 2 * i + 1) for i in range(len(lengths))]), [
+        (2 * i, 2 * i + 1) for i in range(len(lengths))
+    ]
+
+
+def test_a_steps_pairs_are_cut_into_micro_batches_within_the_token_budget():
+    seqs, order = _lengths_seqs([10, 30, 10, 10, 100])
+    # budget 80: 2 rows per pair, padded to the longest: [10] + [30] = 2*2*30 = 120 > 80 -> apart
+    assert pair_chunks(seqs, order, [0, 1, 2, 3, 4], 80) == [[0], [1], [2, 3], [4]]
+    assert pair_chunks(seqs, order, [0, 2, 3], 10_000) == [[0, 2, 3]]
+
+
+def test_micro_batches_give_the_whole_batchs_loss_and_gradient(tiny_model_dir):
+    backbone, tokenizer = load_backbone(tiny_model_dir, "float32")
+    pairs = [
+        {
+            "pair_id": str(i),
+            "prompt": f"Question {i}?" * (1 + i),
+            "response_a": f"yes {i}",
+            "response_b": "no " * (i + 1),
+        }
+        | {"preferred": i % 2}
+        for i in range(4)
+    ]
+    seqs = encode_pairs(tokenizer, pairs, 512)
+    order = preferred_index(seqs, pairs)
+    results = []
+    for budget in (100_000, 40):  # one forward, and one pair at a time
+        torch.manual_seed(0)
+        model = LastTokenHead(backbone, two_logit_head(backbone))
+        losses = fit_preferences(model, seqs, order, tokenizer.pad_token_id, [[0, 1, 2, 3]], lambda _: 0.0, 1e9, budget)
+        results.append((losses, torch.cat([p.grad.flatten() for p in model.head.parameters()])))
+    assert len(pair_chunks(seqs, order, [0, 1, 2, 3], 40)) == 4
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
