@@ -80,12 +80,14 @@ def test_genies_flow_on_ray_actors_matches_local(ray_cluster, tiny_model_dir, ge
 def test_gem_flow_runs_its_stages_on_ray_actors(ray_cluster, tiny_model_dir, genies_data_dir, tmp_path):
     from alignflow.flows.gem import gem
 
-    config = GemConfig.model_validate(
-        gem_config_data(tiny_model_dir, genies_data_dir, tmp_path) | {"executor": "ray", "ray": RAY}
-    )
+    data = gem_config_data(tiny_model_dir, genies_data_dir, tmp_path)
+    # one SEGA iteration, no control and one baseline: where stages run, not what GEM computes
+    data |= {"executor": "ray", "ray": RAY, "shuffled_control": False, "baselines": ["pro"]}
+    data["sega"] |= {"iterations": 1}
+    config = GemConfig.model_validate(data)
     summary = gem(config=config)
     root = tmp_path / "artifacts"
-    for stage in ("train_sft", "sample", "train_sega", "pref_accuracy"):
+    for stage in ("train_sft", "sample", "train_sega", "train_pro", "pref_accuracy"):
         workers = _workers(root, stage)
         assert workers and all(not w.endswith(f":{os.getpid()}") for w in workers), (stage, workers)
     assert {(r["model"], r["reward"]) for r in summary["accuracy"]} >= {("base", "log pi"), ("gem", "log pi")}
