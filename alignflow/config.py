@@ -583,7 +583,7 @@ class SEGAConfig(TrainConfig):
 
     @property
     def prompts_per_iteration(self) -> int:
-        return self.steps_per_iteration * self.batch_size * self.grad_accum * self.epochs
+        return self.steps_per_iteration * self.batch_size * self.grad_accum
 
 
 class PROConfig(TrainConfig):

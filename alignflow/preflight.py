@@ -43,19 +43,19 @@ def check_gem(config: GemConfig) -> None:
     from alignflow.flows.gem import genies_dir
     from alignflow.genies.data import capped
     from alignflow.tasks.preferences import preference_set, read_preferences
+    from alignflow.tasks.sega_prompts import SegaPrompts, iteration_prompt_ids
 
-    prompts: set[str] = set()
-    for sources, limit in ((config.train, config.max_train_pairs), (config.eval, None)):
+    def read(sources: dict[str, str]) -> list[list[dict]]:
         preferences = preference_set(sources, genies_dir(config), config.columns)
-        for spec in preferences.sources.values():
-            pairs = read_preferences(spec, preferences.columns)
-            if sources is config.train:
-                prompts |= {p["prompt"] for p in capped(pairs, limit, config.seed, id_field="id")}
-    if config.sega.prompts_per_iteration > len(prompts):
-        raise ValueError(
-            f"sega: each iteration samples {config.sega.prompts_per_iteration} prompts (steps_per_iteration x "
-            f"batch_size x grad_accum x epochs) but the training pairs have {len(prompts)} distinct prompts"
-        )
+        return [read_preferences(spec, preferences.columns) for spec in preferences.sources.values()]
+
+    read(config.eval)  # a bad row fails here, naming its file and line
+    prompts = [
+        p["prompt"]
+        for pairs in read(config.train)
+        for p in capped(pairs, config.max_train_pairs, config.seed, id_field="id")
+    ]
+    iteration_prompt_ids(prompts, SegaPrompts(iteration=0, count=config.sega.prompts_per_iteration))
 
 
 def check_genies(config: GeniesConfig) -> None:

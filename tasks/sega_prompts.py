@@ -33,8 +33,8 @@ def iteration_prompt_ids(prompt_ids: list[str], config: SegaPrompts) -> list[str
     distinct = sorted(set(prompt_ids))
     if config.count > len(distinct):
         raise ValueError(
-            f"sega: an iteration samples {config.count} prompts (steps_per_iteration x batch_size x grad_accum "
-            f"x epochs) but the training pairs have only {len(distinct)} distinct prompts"
+            f"sega: an iteration samples {config.count} prompts (steps_per_iteration x batch_size x grad_accum) "
+            f"but the training pairs have only {len(distinct)} distinct prompts"
         )
     positions = range(config.iteration * config.count, (config.iteration + 1) * config.count)
     passes = {p: pass_order(distinct, config.seed, p) for p in {i // len(distinct) for i in positions}}

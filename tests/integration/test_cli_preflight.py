@@ -75,8 +75,8 @@ def test_sega_iterations_asking_for_more_prompts_than_the_pairs_have_fail_before
     )
     home = tmp_path / "home"
     done = alignflow("run", "gem", f"train={{t: {train}}}", f"eval={{e: {train}}}", "sega.batch_size=4", home=home)
-    expected = "sega: each iteration samples 4 prompts (steps_per_iteration x batch_size x grad_accum x epochs)"
-    assert_one_line_before_any_flow_run(done, home, expected + " but the training pairs have 3 distinct prompts")
+    expected = "sega: an iteration samples 4 prompts (steps_per_iteration x batch_size x grad_accum)"
+    assert_one_line_before_any_flow_run(done, home, expected + " but the training pairs have only 3 distinct prompts")
 
 
 def test_genies_folder_without_distributions_fails_before_the_flow_run(tmp_path):

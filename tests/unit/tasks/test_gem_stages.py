@@ -213,6 +213,14 @@ def test_iterations_take_consecutive_slices_of_seeded_passes_over_every_prompt()
     assert iteration_prompt_ids(IDS, SegaPrompts(iteration=0, count=4, seed=8)) != slices[0]
 
 
+def test_an_iteration_draws_the_prompts_of_its_steps_and_epochs_repeat_them():
+    from alignflow.tasks.training import total_steps
+
+    config = SEGAConfig(steps_per_iteration=4, batch_size=2, grad_accum=2, epochs=3)
+    assert config.prompts_per_iteration == 16
+    assert total_steps(config.prompts_per_iteration, config) == 4 * 3  # each epoch takes steps_per_iteration steps
+
+
 def test_an_iteration_cannot_ask_for_more_prompts_than_there_are():
     with pytest.raises(ValueError, match="samples 11 prompts .* only 10 distinct prompts"):
         iteration_prompt_ids(IDS, SegaPrompts(iteration=0, count=11))
