@@ -430,6 +430,11 @@ class GeniesConfig(RunConfig):
 
     model_config = ConfigDict(extra="allow", frozen=True)  # the extras are the sections, checked below
     data_dir: str | None = Field(None, description="folder holding distributions/; default $ALIGNFLOW_HOME/genies")
+    model_name: str | None = Field(
+        None,
+        description="the model's name in the results tree (evaluations/<intervention>/<model_name>-<source>/); "
+        "default: the last part of model",
+    )
     results_dir: str | None = Field(
         None, description="where the run's results tree is exported, as GENIES lays it out; default DATA_DIR/results"
     )

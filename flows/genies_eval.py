@@ -60,8 +60,8 @@ def launch(ctx, task, *args, **kwargs):
 
 
 def model_name(config: GeniesConfig) -> str:
-    """The base model's name in the published layout."""
-    return Path(config.model).name
+    """The model's name in the published layout."""
+    return config.model_name or Path(config.model).name
 
 
 def records_dropped(store, pairs: list) -> dict[str, int]:

@@ -21,19 +21,21 @@ from alignflow.tasks.stage import run_context
 from alignflow.workers.hardware import resolve_dtypes
 
 
-def trained_model_dir(training: SelfImproveConfig, summary: dict) -> Path:
-    """The local directory of the last round's trained policy (downloaded once if the store is remote)."""
+def trained_model(training: SelfImproveConfig, summary: dict) -> tuple[Path, str]:
+    """The last round's trained policy: its local directory (downloaded once if the store is
+    remote) and its name in the GENIES results tree, by artifact key: every trained policy's
+    folder is called ``merged``, so two pipeline runs exporting to one results tree would collide."""
     ctx = run_context(training)
     key = Path(summary["rounds"][-1]["train_dpo"]["uri"]).name
-    return ctx.model_dir(ctx.store().ref("train_dpo", key))
+    return ctx.model_dir(ctx.store().ref("train_dpo", key)), f"train_dpo-{key}"
 
 
 @flow(name="pipeline")
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     config = resolve_dtypes(config)  # each half for its own executor; the subflows' parameters show the result
     training = self_improve(config=config.training)
-    model = trained_model_dir(config.training, training)
-    evaluation = genies_eval(config=config.genies.model_copy(update={"model": str(model)}))
+    model, name = trained_model(config.training, training)
+    evaluation = genies_eval(config=config.genies.model_copy(update={"model": str(model), "model_name": name}))
     summary = {"training": training, "model": str(model), "genies": evaluation}
     publish_pipeline(summary)
     return summary

@@ -313,6 +313,21 @@ def test_a_named_ceiling_reruns_only_the_report(first):
     assert "Ceiling: few_shot" in (report / "report.md").read_text()
 
 
+def test_model_name_names_the_results_tree_and_reruns_only_the_report(first, tmp_path):
+    # the pipeline names a trained policy by its artifact key: its folder is always "merged"
+    config = GeniesConfig.model_validate(
+        {**first.data, "model_name": "train_dpo-0123abcd", "results_dir": str(tmp_path / "results")}
+    )
+    summary, states = run_flow(config)
+    assert {state for (stage, state) in states if stage in GENIES_STAGES - {"genies_report"}} == {"Cached"}
+    exported = Path(summary["results_dir"])
+    assert {p.name for p in (exported / "evaluations" / "few_shot").iterdir()} == {
+        "train_dpo-0123abcd-alpaca_short",
+        "train_dpo-0123abcd-alpaca_mmlu",
+    }
+    assert (exported / "generalization_metrics" / "train_dpo-0123abcd" / "few_shot" / "shifts.csv").is_file()
+
+
 def test_shift_naming_a_missing_distribution_is_a_clear_error(first, tmp_path):
     spec = tmp_path / "bad.json"
     spec.write_text(json.dumps([SHIFTS[0], {"source": "alpaca_short", "target": "alpaca_huge"}]))
