@@ -6,7 +6,15 @@ from pathlib import Path
 
 from alignflow.config import alignflow_home
 from alignflow.genies.data import RELEASE_URL, download, validate_release
-from alignflow.genies.metrics import LEADERBOARD_COLUMNS, PUBLISHED_COLUMNS, leaderboard, means, results_rows, write_csv
+from alignflow.genies.metrics import (
+    INTERVAL_COLUMNS,
+    LEADERBOARD_COLUMNS,
+    PUBLISHED_COLUMNS,
+    leaderboard,
+    means,
+    results_rows,
+    write_csv,
+)
 from alignflow.genies.shifts import load_shifts
 
 
@@ -38,6 +46,13 @@ def add_commands(sub) -> None:
         help="a results tree and the name its rows carry in the 'source' column (repeat: published=..., ours=...)",
     )
     board.add_argument("--shifts", default="builtin:genies", help="shift spec JSON (default: the 15 GENIES shifts)")
+    board.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="replicates for 95%% intervals of the mean DE and accuracy, resampling test pairs (0: none)",
+    )
     board.add_argument("--out", required=True, help="CSV to write")
     board.set_defaults(handler=_leaderboard)
 
@@ -70,8 +85,8 @@ def _leaderboard(args) -> int:
         if not sep or not name or not folder:
             raise ValueError(f"--results {entry}: expected NAME=DIR, e.g. published=GENIES/results")
         trees[name] = Path(folder)
-    rows, skipped = leaderboard(trees, load_shifts(args.shifts))
-    write_csv(Path(args.out), rows, LEADERBOARD_COLUMNS)
+    rows, skipped = leaderboard(trees, load_shifts(args.shifts), args.bootstrap)
+    write_csv(Path(args.out), rows, LEADERBOARD_COLUMNS + (INTERVAL_COLUMNS if args.bootstrap else []))
     print(f"{args.out}: {len(rows)} rows (model x intervention) from {', '.join(trees)}")
     for reason in skipped:
         print(f"  left out (incomplete) {reason}")

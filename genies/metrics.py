@@ -14,6 +14,8 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
+
 from alignflow.genies.data import GeniesDataError, read_json
 from alignflow.genies.shifts import Shift
 
@@ -243,10 +245,11 @@ def results_rows(results: Path, shifts: tuple[Shift, ...], intervention: str, mo
 LEADERBOARD_COLUMNS = ["source", "model", "intervention", "shifts", *MEANED]
 
 
-def leaderboard(trees: dict[str, Path], shifts: tuple[Shift, ...]) -> tuple[list[dict], list[str]]:
+def leaderboard(trees: dict[str, Path], shifts: tuple[Shift, ...], replicates: int = 0) -> tuple[list[dict], list[str]]:
     """Mean metrics of every (model, intervention) each results tree holds in full,
     ``source`` naming the tree (published, alignflow, ...), best differential elicitation
-    first; and why each incomplete combination was left out."""
+    first, with 95% bootstrap intervals when ``replicates`` > 0; and why each incomplete
+    combination was left out."""
     rows, skipped = [], []
     for label, results in trees.items():
         models = sorted(p.name for p in (Path(results) / "target_tuned_capability").glob("*") if p.is_dir())
@@ -261,9 +264,89 @@ def leaderboard(trees: dict[str, Path], shifts: tuple[Shift, ...]) -> tuple[list
                     skipped.append(f"{label} {model} {intervention}: {e}")
                     continue
                 overall = next(m for m in means(table) if m["category"] == "all")
+                if replicates:
+                    overall |= bootstrap_intervals(results, shifts, intervention, model, replicates)
                 rows.append({"source": label, "model": model} | overall)
     rows.sort(key=lambda r: (math.isnan(r["differential_elicitation"]), -r["differential_elicitation"]))
     return rows, skipped
+
+
+# -- uncertainty ----------------------------------------------------------------
+INTERVAL_COLUMNS = [
+    "differential_elicitation_low",
+    "differential_elicitation_high",
+    "generalization_accuracy_low",
+    "generalization_accuracy_high",
+]
+
+
+def pair_probabilities(path: Path) -> np.ndarray | None:
+    """An evaluation's probability of the preferred response per pair, where it lists them."""
+    data = read_json(path, "missing")
+    values = data.get("eval_probabilities", data.get("probabilities")) if isinstance(data, dict) else None
+    if not isinstance(values, list) or not values or not all(_is_number(v) for v in values):
+        return None
+    return np.asarray(values, dtype=float)
+
+
+def pairs_correct(p_preferred: np.ndarray) -> np.ndarray:
+    """``pair_correct`` over an array."""
+    return np.where(p_preferred > 0.5, 1.0, np.where(p_preferred == 0.5, 0.5, 0.0))
+
+
+class Resampler:
+    """Bootstrap draws of pair indices, one per (distribution, size) and replicate: every
+    evaluation on a distribution sees the same draw, so a difference of two accuracies on
+    the same pairs (A - A0) stays paired, and a distribution shared by several shifts
+    moves them together."""
+
+    def __init__(self, replicates: int, seed: int):
+        self.replicates = replicates
+        self.rng = np.random.default_rng(seed)
+        self.draws: dict[tuple[str, int], np.ndarray] = {}
+
+    def accuracies(self, distribution: str, p_preferred: np.ndarray) -> np.ndarray:
+        """The accuracy in each replicate."""
+        n = len(p_preferred)
+        if (distribution, n) not in self.draws:
+            self.draws[(distribution, n)] = self.rng.integers(0, n, size=(self.replicates, n))
+        return pairs_correct(p_preferred)[self.draws[(distribution, n)]].mean(axis=1)
+
+
+def bootstrap_intervals(
+    results: Path,
+    shifts: tuple[Shift, ...],
+    intervention: str,
+    model: str,
+    replicates: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Percentile intervals of the mean differential elicitation and the mean generalization
+    accuracy over ``shifts``, resampling each distribution's test pairs. The ceiling keeps
+    the intervention it names, its accuracy resampled on the reference where that
+    evaluation lists its pairs (else it is held fixed). NaN where A or A0 lists no pairs."""
+    resample = Resampler(replicates, seed)
+    de, generalization = [], []
+    for shift in shifts:
+        a = pair_probabilities(evaluation_path(results, intervention, model, shift.source, shift.target))
+        a0 = pair_probabilities(evaluation_path(results, BASELINE, model, shift.source, shift.target))
+        if a is None or a0 is None:
+            return dict.fromkeys(INTERVAL_COLUMNS, math.nan)
+        accuracy, baseline = resample.accuracies(shift.target, a), resample.accuracies(shift.target, a0)
+        de.append((accuracy - baseline) / ceiling_replicates(results, shift, model, resample))
+        generalization.append(accuracy)
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    de_low, de_high = np.percentile(np.mean(de, axis=0), tails)
+    a_low, a_high = np.percentile(np.mean(generalization, axis=0), tails)
+    return dict(zip(INTERVAL_COLUMNS, map(float, (de_low, de_high, a_low, a_high))))
+
+
+def ceiling_replicates(results: Path, shift: Shift, model: str, resample: Resampler) -> np.ndarray | float:
+    ceiling, best = read_capability(capability_path(results, model, shift.target))
+    path = evaluation_path(results, best, model, shift.reference, shift.reference)
+    on_reference = pair_probabilities(path) if best and path.is_file() else None
+    return ceiling if on_reference is None else resample.accuracies(shift.reference, on_reference)
 
 
 def evaluation_json(

@@ -16,6 +16,7 @@ from alignflow.genies.data import GeniesDataError
 from alignflow.genies.metrics import (
     PUBLISHED_COLUMNS,
     accuracy,
+    bootstrap_intervals,
     brier,
     capability_path,
     evaluation_json,
@@ -339,3 +340,68 @@ def metrics_cli(published: Path, spec: Path, out: Path) -> int:
 
     args = ["--results", str(published), "--shifts", str(spec), "--intervention", "classify_lora", "--model", MODEL]
     return main(["genies", "metrics", *args, "--out", str(out)])
+
+
+# -- bootstrap intervals -----------------------------------------------------------
+def _tree_with_pairs(root: Path, a: list[float], a0: list[float], on_reference: list[float] | None) -> Path:
+    """One shift s -> t (reference r): per-pair probabilities of an intervention, of the
+    zero-shot baseline and, when given, of the ceiling's intervention on r."""
+    ev = root / "evaluations"
+    _write(ev / "i" / "m-s" / "t.json", {"eval_accuracy": accuracy(a), "eval_probabilities": a})
+    _write(ev / "i" / "m-s" / "s.json", {"eval_accuracy": 1.0})
+    _write(ev / "zero_shot" / "m-s" / "t.json", {"eval_accuracy": accuracy(a0), "eval_probabilities": a0})
+    ceiling = accuracy(on_reference) if on_reference else 1.0
+    _write(capability_path(root, "m", "t"), {"best_intervention": "i", "best_intervention_accuracy": ceiling})
+    if on_reference:
+        _write(ev / "i" / "m-r" / "r.json", {"eval_accuracy": ceiling, "eval_probabilities": on_reference})
+    return root
+
+
+ONE_SHIFT = (Shift(source="s", target="t", target_reference="r", category="c"),)
+
+
+def test_bootstrap_interval_of_a_proportion_matches_the_normal_approximation(tmp_path):
+    # A0 all wrong, ceiling fixed at 1: DE = A, whose 95% interval on 400 pairs at 1/2 is about 1/2 +- 0.049
+    root = _tree_with_pairs(tmp_path, [0.9, 0.1] * 200, [0.2] * 400, None)
+    got = bootstrap_intervals(root, ONE_SHIFT, "i", "m", replicates=4000)
+    half_width = 1.96 * math.sqrt(0.25 / 400)
+    for column in ("differential_elicitation", "generalization_accuracy"):
+        assert got[f"{column}_low"] == pytest.approx(0.5 - half_width, abs=0.006)
+        assert got[f"{column}_high"] == pytest.approx(0.5 + half_width, abs=0.006)
+
+
+def test_bootstrap_keeps_a_and_the_baseline_paired(tmp_path):
+    # the intervention agrees with zero-shot on every pair: DE is 0 in every replicate; drawn
+    # independently, the two accuracies would give DE an interval about 0.14 wide
+    p = [0.9, 0.1] * 100
+    root = _tree_with_pairs(tmp_path, p, p, None)
+    got = bootstrap_intervals(root, ONE_SHIFT, "i", "m", replicates=500)
+    assert got["differential_elicitation_low"] == got["differential_elicitation_high"] == 0.0
+    assert got["generalization_accuracy_low"] < 0.5 < got["generalization_accuracy_high"]
+
+
+def test_bootstrap_resamples_the_ceiling_on_its_reference(tmp_path):
+    a, a0 = [0.9] * 100, [0.1] * 100  # DE = 1 / C exactly, so all its spread comes from the ceiling
+    fixed = bootstrap_intervals(_tree_with_pairs(tmp_path / "fixed", a, a0, None), ONE_SHIFT, "i", "m", 500)
+    assert fixed["differential_elicitation_low"] == fixed["differential_elicitation_high"] == 1.0
+    resampled = bootstrap_intervals(
+        _tree_with_pairs(tmp_path / "resampled", a, a0, [0.9] * 80 + [0.1] * 20), ONE_SHIFT, "i", "m", 500
+    )
+    assert resampled["differential_elicitation_low"] < 1 / 0.8 < resampled["differential_elicitation_high"]
+
+
+def test_bootstrap_is_nan_without_per_pair_probabilities(published):
+    got = bootstrap_intervals(published, SHIFTS, "classify_lora", MODEL, replicates=10)
+    assert all(math.isnan(v) for v in got.values())
+
+
+def test_leaderboard_cli_writes_intervals(tmp_path, capsys):
+    root = _tree_with_pairs(tmp_path / "tree", [0.9, 0.1] * 50, [0.2] * 100, None)
+    spec, out = tmp_path / "shifts.json", tmp_path / "board.csv"
+    spec.write_text(json.dumps([s.model_dump() for s in ONE_SHIFT]))
+    from alignflow.cli import main
+
+    assert main(["genies", "leaderboard", "--results", f"ours={root}", "--shifts", str(spec), "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["intervention"] == "i"]
+    assert float(row["differential_elicitation_low"]) < 0.5 < float(row["differential_elicitation_high"])
