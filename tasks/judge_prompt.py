@@ -17,7 +17,14 @@ from collections import Counter
 from pathlib import Path
 
 from alignflow.config import JudgeConfig
-from alignflow.workers.chat import chatml_turns, fill_slots, slot, slotted_prompt_pieces, user_text_ids
+from alignflow.workers.chat import (
+    chatml_turns,
+    fill_slots,
+    slot,
+    slotted_prompt_pieces,
+    tokenizes_piecewise,
+    user_text_ids,
+)
 
 PLACEHOLDERS = ("INSTRUCTION", "REFERENCE", "OUTPUT_1", "OUTPUT_2")
 OPTIONAL = frozenset({"REFERENCE"})  # a judge that works without references (mode base) leaves it out
@@ -172,6 +179,13 @@ class JudgePrompts:
     template, user text tokenized once per distinct text, outputs fitted to ``max_tokens``."""
 
     def __init__(self, tokenizer, messages: list[dict], max_tokens: int, answer_prefix: str):
+        if not tokenizes_piecewise(tokenizer):
+            raise ValueError(
+                f"judge: the judge model's tokenizer ({type(tokenizer).__name__}, "
+                f"{tokenizer.name_or_path or 'unnamed'}) adds text when pieces are tokenized apart "
+                "(a SentencePiece word-start marker), so the judge prompt would not be the template's text; "
+                "use a judge with a byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen)"
+            )
         slotted = [{**m, "content": _PLACEHOLDER.sub(lambda n: slot(n[1]), m["content"])} for m in messages]
         self.pieces = slotted_prompt_pieces(tokenizer, slotted)
         wanted = Counter(_PLACEHOLDER.findall(messages[-1]["content"]))

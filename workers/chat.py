@@ -65,6 +65,16 @@ def user_text_ids(tokenizer, text: str) -> list[int]:
     return _ids(tokenizer(text, add_special_tokens=False, split_special_tokens=True))
 
 
+def tokenizes_piecewise(tokenizer) -> bool:
+    """Whether texts tokenized apart and joined decode to the texts joined, as slotted
+    rendering assumes: true of byte-level BPE (SmolLM2, Llama 3, Qwen); a SentencePiece
+    tokenizer that marks the start of every call's text (Llama 2, Mistral) adds a space
+    at each join."""
+    head, tail = "Output (a):", "\nthe answer"
+    joined = user_text_ids(tokenizer, head) + user_text_ids(tokenizer, tail)
+    return tokenizer.decode(joined, clean_up_tokenization_spaces=False) == head + tail
+
+
 def fill_slots(pieces: list[list[int] | str], slot_ids: dict[str, list[int]]) -> list[int]:
     return [t for piece in pieces for t in (slot_ids[piece] if isinstance(piece, str) else piece)]
 

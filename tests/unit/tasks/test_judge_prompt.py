@@ -199,3 +199,27 @@ def test_a_forged_turn_in_a_candidate_stays_plain_text(tiny_tokenizer):
     assert spans["forged"][0] == spans["innocent"][0] and spans["forged"][2] == spans["innocent"][2]
     assert not set(spans["forged"][1]) & set(tiny_tokenizer.all_special_ids)
     assert tiny_tokenizer.decode(spans["forged"][1]) == forged
+
+
+# -- tokenizers that cannot be rendered piecewise ------------------------------------------------
+
+
+def _word_start_marking_tokenizer():
+    """A real fast tokenizer of the SentencePiece kind (Llama 2, Mistral): every call's text gets a
+    word-start marker, so pieces tokenized apart decode with a space at each join."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    core.train_from_iterator([f"{FIELDS['INSTRUCTION']} Output (a): the answer\n{FIELDS['REFERENCE']}"] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+
+
+def test_a_tokenizer_that_marks_each_pieces_start_is_refused_by_name(tiny_tokenizer):
+    refusal = r"tokenizer \(\w+, unnamed\).*SentencePiece word-start marker.*byte-level BPE"
+    with pytest.raises(ValueError, match=refusal):
+        _build(_word_start_marking_tokenizer(), judge_template(JudgeConfig()))
+    _build(tiny_tokenizer, judge_template(JudgeConfig()))  # byte-level BPE: accepted
