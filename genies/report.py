@@ -176,7 +176,7 @@ def mean_bars(path: Path, summary: list[dict], interventions: list[str]) -> None
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, rotation=30, ha="right")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel("mean differential elicitation")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: inside, it hides bars
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
