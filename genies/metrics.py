@@ -242,14 +242,38 @@ def results_rows(results: Path, shifts: tuple[Shift, ...], intervention: str, mo
     return rows
 
 
+CHANCE = "chance"  # no folder of its own: computed from a tree's zero-shot baselines and ceilings
+
+
+def chance_rows(results: Path, shifts: tuple[Shift, ...], model: str) -> list[dict]:
+    """A scorer that gives 1/2 to every pair (a tie counts half, so A = IID = 1/2) against the
+    tree's zero-shot baselines and ceilings. Where zero-shot is below chance its DE is positive:
+    the level an intervention has to beat before its DE says it learned anything."""
+    return [
+        shift_row(
+            shift,
+            generalization=0.5,
+            source_id=0.5,
+            baseline=row["baseline_accuracy"],
+            ceiling=row["target_tuned_capability"],
+            ceiling_intervention=row["target_tuned_capability_intervention"],
+            brier=0.25,
+            ece=0.0,
+            intervention=CHANCE,
+            model=model,
+        )
+        for shift, row in zip(shifts, results_rows(results, shifts, BASELINE, model))
+    ]
+
+
 LEADERBOARD_COLUMNS = ["source", "model", "intervention", "shifts", *MEANED]
 
 
 def leaderboard(trees: dict[str, Path], shifts: tuple[Shift, ...], replicates: int = 0) -> tuple[list[dict], list[str]]:
-    """Mean metrics of every (model, intervention) each results tree holds in full,
-    ``source`` naming the tree (published, alignflow, ...), best differential elicitation
-    first, with 95% bootstrap intervals when ``replicates`` > 0; and why each incomplete
-    combination was left out."""
+    """Mean metrics of every (model, intervention) each results tree holds in full, and of
+    ``chance`` where it holds zero-shot, ``source`` naming the tree (published, alignflow, ...),
+    best differential elicitation first, with 95% bootstrap intervals when ``replicates`` > 0;
+    and why each incomplete combination was left out."""
     rows, skipped = [], []
     for label, results in trees.items():
         models = sorted(p.name for p in (Path(results) / "target_tuned_capability").glob("*") if p.is_dir())
@@ -257,9 +281,13 @@ def leaderboard(trees: dict[str, Path], shifts: tuple[Shift, ...], replicates: i
         if not models or not interventions:
             raise GeniesDataError(f"{results}: no results tree (expected evaluations/ and target_tuned_capability/)")
         for model in models:
-            for intervention in interventions:
+            for intervention in [*interventions, CHANCE] if BASELINE in interventions else interventions:
                 try:
-                    table = results_rows(results, shifts, intervention, model)
+                    table = (
+                        chance_rows(results, shifts, model)
+                        if intervention == CHANCE
+                        else results_rows(results, shifts, intervention, model)
+                    )
                 except GeniesDataError as e:
                     skipped.append(f"{label} {model} {intervention}: {e}")
                     continue
@@ -325,12 +353,17 @@ def bootstrap_intervals(
     """Percentile intervals of the mean differential elicitation and the mean generalization
     accuracy over ``shifts``, resampling each distribution's test pairs. The ceiling keeps
     the intervention it names, its accuracy resampled on the reference where that
-    evaluation lists its pairs (else it is held fixed). NaN where A or A0 lists no pairs."""
+    evaluation lists its pairs (else it is held fixed); ``chance`` gives 1/2 to every pair.
+    NaN where A or A0 lists no pairs."""
     resample = Resampler(replicates, seed)
     de, generalization = [], []
     for shift in shifts:
-        a = pair_probabilities(evaluation_path(results, intervention, model, shift.source, shift.target))
         a0 = pair_probabilities(evaluation_path(results, BASELINE, model, shift.source, shift.target))
+        a = (
+            np.full_like(a0, 0.5)
+            if intervention == CHANCE and a0 is not None
+            else pair_probabilities(evaluation_path(results, intervention, model, shift.source, shift.target))
+        )
         if a is None or a0 is None:
             return dict.fromkeys(INTERVAL_COLUMNS, math.nan)
         accuracy, baseline = resample.accuracies(shift.target, a), resample.accuracies(shift.target, a0)

@@ -281,7 +281,8 @@ def test_metrics_and_leaderboard_clis_read_the_exported_tree(first, tmp_path, ca
     )
     _, rows = read_csv(board)
     assert sorted((r["source"], r["model"], r["intervention"]) for r in rows) == [
-        ("alignflow", MODEL, n) for n in sorted(INTERVENTIONS)
+        ("alignflow", MODEL, n)
+        for n in sorted([*INTERVENTIONS, "chance"])  # chance: 1/2 on every pair
     ]
 
 

@@ -405,3 +405,18 @@ def test_leaderboard_cli_writes_intervals(tmp_path, capsys):
     with open(out, newline="") as f:
         (row,) = [r for r in csv.DictReader(f) if r["intervention"] == "i"]
     assert float(row["differential_elicitation_low"]) < 0.5 < float(row["differential_elicitation_high"])
+
+
+def test_leaderboard_adds_what_a_coin_scores_against_the_trees_own_baselines(tmp_path):
+    # zero-shot 0.1 on t (below chance), ceiling 0.8 on r: a scorer saying 1/2 everywhere has DE (0.5 - 0.1) / 0.8
+    a0 = [0.9] * 10 + [0.1] * 90
+    root = _tree_with_pairs(tmp_path, [0.9] * 60 + [0.1] * 40, a0, [0.9] * 80 + [0.1] * 20)
+    _write(root / "evaluations" / "zero_shot" / "m-s" / "s.json", {"eval_accuracy": 0.7})
+    rows, skipped = leaderboard({"ours": root}, ONE_SHIFT, replicates=500)
+    assert not skipped
+    chance = next(r for r in rows if r["intervention"] == "chance")
+    assert chance["differential_elicitation"] == pytest.approx((0.5 - 0.1) / 0.8)
+    assert chance["generalization_accuracy"] == chance["source_ID_accuracy"] == 0.5 and chance["brier"] == 0.25
+    assert chance["generalization_accuracy_low"] == chance["generalization_accuracy_high"] == 0.5
+    assert chance["differential_elicitation_low"] < 0.5 < chance["differential_elicitation_high"]
+    assert [r["intervention"] for r in rows] == ["i", "chance", "zero_shot"]  # i: DE (0.6 - 0.1) / 0.8 = 0.625
