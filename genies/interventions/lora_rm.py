@@ -20,7 +20,7 @@ from alignflow.genies.scoring import Sequences, encode_pairs, per_pair_progress,
 from alignflow.tasks.base_model import model_name
 from alignflow.tasks.training import lr_factor, save_adapter
 from alignflow.workers.models import load_backbone
-from alignflow.workers.scoring import map_batches, pack
+from alignflow.workers.scoring import map_batches, pack, token_budget_batches
 
 
 class LoraRewardConfig(Strict):
@@ -96,20 +96,8 @@ def sampled_batches(pairs: int, batch_size: int, steps: int, seed: int) -> Itera
 def pair_chunks(seqs: Sequences, order: list[tuple[int, int]], chosen: list[int], budget: int) -> list[list[int]]:
     """A step's pairs in micro-batches whose padded forward over both responses of each pair
     stays within ``budget`` tokens (a pair longer than that is a micro-batch of its own)."""
-
-    def length(i: int) -> int:
-        return max(len(seqs.prompts[j]) + len(seqs.responses[j]) for j in order[i])
-
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in chosen:
-        if current and 2 * (len(current) + 1) * max(longest, length(i)) > budget:
-            chunks.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, length(i))
-    return chunks + [current]
+    rows = [2 * max(len(seqs.prompts[j]) + len(seqs.responses[j]) for j in order[i]) for i in chosen]
+    return [[chosen[k] for k in batch] for batch in token_budget_batches(rows, budget)]
 
 
 def fit_preferences(
