@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from alignflow.config import alignflow_home
@@ -48,13 +49,20 @@ def add_commands(sub) -> None:
     board.add_argument("--shifts", default="builtin:genies", help="shift spec JSON (default: the 15 GENIES shifts)")
     board.add_argument(
         "--bootstrap",
-        type=int,
+        type=replicate_count,
         default=1000,
         metavar="N",
         help="replicates for 95%% intervals of the mean DE and accuracy, resampling test pairs (0: none)",
     )
     board.add_argument("--out", required=True, help="CSV to write")
     board.set_defaults(handler=_leaderboard)
+
+
+def replicate_count(text: str) -> int:
+    """--bootstrap: a whole number of replicates, 0 for none."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of replicates (0: no intervals), got {text!r}")
+    return int(text)
 
 
 def _download(args) -> int:

@@ -420,3 +420,15 @@ def test_leaderboard_adds_what_a_coin_scores_against_the_trees_own_baselines(tmp
     assert chance["generalization_accuracy_low"] == chance["generalization_accuracy_high"] == 0.5
     assert chance["differential_elicitation_low"] < 0.5 < chance["differential_elicitation_high"]
     assert [r["intervention"] for r in rows] == ["i", "chance", "zero_shot"]  # i: DE (0.6 - 0.1) / 0.8 = 0.625
+
+
+@pytest.mark.parametrize("value", ["-5", "ten", "1.5"])
+def test_leaderboard_cli_refuses_a_bad_replicate_count(tmp_path, capsys, value):
+    from alignflow.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["genies", "leaderboard", "--results", f"ours={tmp_path}", "--bootstrap", value, "--out", "x.csv"])
+    assert e.value.code == 2
+    assert f"--bootstrap: expected a whole number of replicates (0: no intervals), got '{value}'" in (
+        capsys.readouterr().err
+    )
