@@ -112,17 +112,20 @@ def after_prefix(past, attention_mask: torch.Tensor) -> dict:
     }
 
 
-def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Row indices grouped so that rows of similar length share a batch and
-    rows x longest row stays within the budget (little padding, bounded memory)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def token_budget_batches(lengths: list[int], token_budget: int, by_length: bool = True) -> list[list[int]]:
+    """Row indices grouped so that rows x longest row stays within the budget (bounded
+    memory; a row longer than the budget is a batch of its own). ``by_length``: rows of
+    similar length share a batch (little padding); else the rows keep their order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if by_length else range(len(lengths))
     batches: list[list[int]] = []
     current: list[int] = []
+    longest = 0
     for i in order:
-        if current and (len(current) + 1) * lengths[i] > token_budget:
+        if current and (len(current) + 1) * max(longest, lengths[i]) > token_budget:
             batches.append(current)
-            current = []
+            current, longest = [], 0
         current.append(i)
+        longest = max(longest, lengths[i])
     if current:
         batches.append(current)
     return batches

@@ -120,9 +120,8 @@ def _lengths_seqs(lengths: list[int]) -> tuple[Sequences, list[tuple[int, int]]]
 
 def test_a_steps_pairs_are_cut_into_micro_batches_within_the_token_budget():
     seqs, order = _lengths_seqs([10, 30, 10, 10, 100])
-    # budget 80: 2 rows per pair, padded to the longest; shortest first: the three 10s take
-    # 3*2*10 = 60, adding the 30 would take 4*2*30 = 240 > 80, the 100 is alone
-    assert pair_chunks(seqs, order, [0, 1, 2, 3, 4], 80) == [[0, 2, 3], [1], [4]]
+    # budget 80: 2 rows per pair, padded to the longest: [10] + [30] = 2*2*30 = 120 > 80 -> apart
+    assert pair_chunks(seqs, order, [0, 1, 2, 3, 4], 80) == [[0], [1], [2, 3], [4]]
     assert pair_chunks(seqs, order, [0, 2, 3], 10_000) == [[0, 2, 3]]
 
 

@@ -149,3 +149,8 @@ def test_token_budget_batches_every_index_once_within_budget():
 def test_token_budget_batches_oversized_row_alone_and_empty():
     assert token_budget_batches([100, 2, 2], 10) == [[1, 2], [0]]
     assert token_budget_batches([], 10) == []
+
+
+def test_token_budget_batches_in_row_order_pad_to_the_longest_so_far():
+    # in order: [5, 1] 2 x 5 = 10; adding 9 -> 3 x 9 = 27 > 12; [9] alone; [3, 3] 6, adding 7 -> 21; [7, 2] 14 > 12
+    assert token_budget_batches([5, 1, 9, 3, 3, 7, 2], 12, by_length=False) == [[0, 1], [2], [3, 4], [5], [6]]
