@@ -96,7 +96,8 @@ def sampled_batches(pairs: int, batch_size: int, steps: int, seed: int) -> Itera
 def pair_chunks(seqs: Sequences, order: list[tuple[int, int]], chosen: list[int], budget: int) -> list[list[int]]:
     """A step's pairs in micro-batches whose padded forward over both responses of each pair
     stays within ``budget`` tokens (a pair longer than that is a micro-batch of its own). The
-    pairs keep the step's order: regrouped, LoRA dropout would draw other masks for them."""
+    pairs keep the step's order: regrouped, they would get other dropout masks (LoRA) and other
+    float sums, and a few steps amplify that into another model (docs/genies_results.md)."""
     rows = [2 * max(len(seqs.prompts[j]) + len(seqs.responses[j]) for j in order[i]) for i in chosen]
     return [[chosen[k] for k in batch] for batch in token_budget_batches(rows, budget, by_length=False)]
 
